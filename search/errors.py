@@ -1,0 +1,30 @@
+"""Errors a user can act on.
+
+Every error raised because of the user's input (study file, data set, database URL,
+bundle) is a :class:`UserError`. The CLI prints ``str(error)`` as one line and exits
+with :attr:`UserError.exit_code`; no traceback is shown for these.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """The study file is unreadable or invalid; the message names the file and key."""
+
+
+class DataError(UserError):
+    """The data set is invalid; the message names the first offending files and the count."""
+
+
+class StorageError(UserError):
+    """The study's storage cannot be reached or used."""
+
+
+class BundleError(UserError):
+    """An export bundle or a prediction input is invalid."""
