@@ -1,0 +1,87 @@
+"""Trial artifacts in Optuna's artifact store: checkpoint, confusion matrix, metrics.
+
+The checkpoint holds everything export needs to rebuild the network without the data set:
+the model spec, the weights, the class names and the preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import matplotlib
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+
+matplotlib.use("Agg")  # no display: render straight to PNG
+import matplotlib.pyplot as plt  # noqa: E402
+
+CHECKPOINT = "checkpoint.pt"
+CONFUSION = "confusion_matrix.png"
+METRICS = "metrics.json"
+
+
+def create_artifact_store(folder: Path) -> FileSystemArtifactStore:
+    """The file-system artifact store under ``folder`` (created if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(folder))
+
+
+def confusion_png(path: Path, confusion: list[list[int]], classes: list[str],
+                  per_class_f1: list[float], title: str) -> None:
+    """A confusion matrix with per-class F1 in the row labels, for the dashboard."""
+    size = max(4.0, 0.7 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)),
+                  [f"{name} (F1 {f1:.2f})" for name, f1 in zip(classes, per_class_f1, strict=True)])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    peak = max((max(row) for row in confusion), default=0)
+    for i, row in enumerate(confusion):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center",
+                    color="white" if count > peak / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def upload_trial_artifacts(store: FileSystemArtifactStore, trial: optuna.Trial, *,
+                           checkpoint: dict, metrics: dict, classes: list[str]) -> None:
+    """Write the three artifacts of a finished trial into the store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        torch.save(checkpoint, folder / CHECKPOINT)
+        (folder / METRICS).write_text(json.dumps(metrics, indent=2))
+        confusion_png(folder / CONFUSION, metrics["confusion"], classes,
+                      metrics["per_class_f1"],
+                      f"trial {trial.number}: val macro F1 {metrics['macro_f1']:.3f}")
+        for name in (CHECKPOINT, CONFUSION, METRICS):
+            optuna.artifacts.upload_artifact(
+                artifact_store=store, file_path=str(folder / name), study_or_trial=trial)
+
+
+def find_artifact(trial: optuna.trial.FrozenTrial, storage, filename: str) -> str | None:
+    """The id of the trial's artifact called ``filename``, or None."""
+    for meta in get_all_artifact_meta(trial, storage=storage):
+        if meta.filename == filename:
+            return meta.artifact_id
+    return None
+
+
+def load_checkpoint(store: FileSystemArtifactStore, storage, trial: optuna.trial.FrozenTrial,
+                    ) -> dict | None:
+    """Download and load a trial's checkpoint; None if it has none."""
+    artifact_id = find_artifact(trial, storage, CHECKPOINT)
+    if artifact_id is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT
+        download_artifact(artifact_store=store, artifact_id=artifact_id, file_path=str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,121 @@
+"""The ``search`` command. Thin: parse options, call one function, turn errors into exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from search.errors import UserError
+
+# Optuna flags heartbeats and TPE's group mode as experimental; we rely on them on purpose.
+warnings.filterwarnings("ignore", message=".*(experimental|ExperimentalWarning).*")
+warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Hyperparameter search for multi-modal EfficientNet classifiers.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect the study's data set.")
+app.add_typer(data_app, name="data")
+
+console = Console()
+error_console = Console(stderr=True)
+
+StudyOption = Annotated[str, typer.Option(
+    "--study", "-s", help="Study name (studies/NAME.toml) or path to a study TOML file.")]
+StorageOption = Annotated[str | None, typer.Option(
+    "--storage", help="Storage URL; overrides SEARCH_STORAGE and the study file.")]
+TrialsOption = Annotated[int | None, typer.Option(
+    min=1, help="Trial budget, complete + pruned (default: the study file's n_trials).")]
+WorkersOption = Annotated[int | None, typer.Option(
+    min=1, help="Worker processes (default: one per GPU, else the study file's workers).")]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Report a :class:`UserError` as one line with its exit code; Ctrl-C exits 130."""
+    try:
+        yield
+    except UserError as error:
+        error_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        error_console.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def run(
+    study: StudyOption = "apples",
+    storage: StorageOption = None,
+    n_trials: TrialsOption = None,
+    workers: WorkersOption = None,
+) -> None:
+    """Search: create or continue the study and run workers until the budget is spent."""
+    with user_errors():
+        from search.config import load_study
+        from search.runner import run_study
+
+        config = load_study(study)
+        run_study(config, storage_url=config.storage_url(storage), n_trials=n_trials,
+                  workers=workers, console=console)
+
+
+@app.command()
+def worker(
+    study: StudyOption,
+    storage: StorageOption = None,
+    n_trials: TrialsOption = None,
+    worker_index: Annotated[int, typer.Option(min=0, help="Seeds this worker's sampler.")] = 0,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for PyTorch.")] = None,
+) -> None:
+    """Join a study (e.g. on another machine) and run trials until the shared budget is spent."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with user_errors():
+        from search.config import load_study
+        from search.worker import WorkerOptions, run_worker
+
+        config = load_study(study)
+        options = WorkerOptions(
+            storage_url=config.storage_url(storage),
+            n_trials=n_trials or config.study.n_trials, worker_index=worker_index,
+            threads=threads, timeout_s=config.study.timeout_s)
+        ran = run_worker(config, options)
+        console.print(f"worker done: ran {ran} trial(s) of study {config.name!r}")
+
+
+@app.command()
+def status(
+    study: StudyOption = "apples",
+    storage: StorageOption = None,
+    timing: Annotated[bool, typer.Option(help="Show where each trial's time went.")] = False,
+) -> None:
+    """Show trials and the best so far, from the storage alone."""
+    with user_errors():
+        from search.config import load_study
+        from search.status import show_status
+
+        config = load_study(study)
+        show_status(config, config.storage_url(storage), timing=timing, console=console)
+
+
+@data_app.command("check")
+def data_check(study: StudyOption = "apples") -> None:
+    """Validate the data set and print per-split, per-class counts."""
+    with user_errors():
+        from search.config import load_study
+        from search.datacheck import check_data
+
+        config = load_study(study)
+        check_data(config.data, resolution=config.train.resolution, seed=config.study.seed,
+                   console=console)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name=Path(sys.argv[0]).name)

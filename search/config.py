@@ -1,0 +1,232 @@
+"""The study file: TOML parsed and validated once into a typed :class:`StudyConfig`.
+
+``--study NAME`` reads ``studies/NAME.toml``; ``--study path/to/file.toml`` reads that file.
+Every problem is a :class:`~search.errors.ConfigError` whose one-line message names the file
+and the key, e.g. ``studies/apples.toml: space.lr.low: must be > 0 (got 0.0)``.
+
+Relative paths in the file (``data.root``, ``data.cache_dir``, ``train.weights_dir`` and a
+relative ``sqlite:///`` URL) are relative to the directory ``search`` is run from, like the
+default ``runs/<study>/`` folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from search.errors import ConfigError
+from search.space import SearchSpace
+
+MODALITIES = ("rgb", "depth", "numeric", "text")
+STUDIES_DIR = Path("studies")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySection(_Section):
+    name: str | None = None
+    n_trials: Annotated[int, Field(gt=0)] = 20
+    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    storage: str | None = None
+    artifacts_dir: Path | None = None
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    root: Path
+    format: Literal["folders", "csv"] = "folders"
+    modalities: list[str] = ["rgb"]
+    demo: Literal["apples"] | None = None
+    cache_dir: Path = Path("runs/cache")
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
+    test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities_make_sense(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in MODALITIES]
+        if unknown:
+            raise ValueError(f"unknown modality {unknown[0]!r}; choose from {list(MODALITIES)}")
+        if not value or value[0] != "rgb" or "rgb" in value[1:]:
+            raise ValueError(f"must start with 'rgb' and name it once (got {value})")
+        if len(value) > 2:
+            raise ValueError(f"at most one of depth/numeric/text may follow 'rgb' (got {value})")
+        return value
+
+    @property
+    def second_modality(self) -> str | None:
+        """The modality fused with rgb, or None for rgb-only data."""
+        return self.modalities[1] if len(self.modalities) > 1 else None
+
+
+class AugmentConfig(_Section):
+    balance: str | list[str] = "oversample"
+    target_per_class: Literal["max"] | Annotated[int, Field(gt=0)] = "max"
+    ops: list[str] = []
+
+    @field_validator("balance")
+    @classmethod
+    def _known_strategies(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        allowed = ("oversample", "class_weights", "none")
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise ValueError(f"unknown balance strategy {bad[:1] or names}; choose from {allowed}")
+        return value
+
+    @field_validator("ops")
+    @classmethod
+    def _known_ops(cls, value: list[str]) -> list[str]:
+        import augment
+
+        augment.validate_ops(value)
+        return value
+
+    @property
+    def strategies(self) -> list[str]:
+        """The balance strategies to search over (one means no choice)."""
+        return [self.balance] if isinstance(self.balance, str) else list(self.balance)
+
+
+class TrainConfig(_Section):
+    epochs: Annotated[int, Field(gt=0)] = 15
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    resolution: Annotated[int, Field(ge=16, le=1024)] = 64
+    patience: Annotated[int, Field(gt=0)] = 4
+    warmup_epochs: Annotated[int, Field(ge=0)] = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"
+    threads: Annotated[int, Field(gt=0)] | None = None
+    implementation: str = "efficientnet-pytorch"
+    weights_dir: Path | None = None
+    channels_last: bool | Literal["auto"] = "auto"
+    autocast: bool | Literal["auto"] = "auto"
+
+
+class PrunerConfig(_Section):
+    kind: Literal["hyperband", "median", "none"] = "hyperband"
+    min_resource: Annotated[int, Field(gt=0)] = 1
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
+    n_startup_trials: Annotated[int, Field(ge=0)] = 4
+    n_warmup_steps: Annotated[int, Field(ge=0)] = 1
+
+
+class SamplerConfig(_Section):
+    kind: Literal["tpe", "random"] = "tpe"
+    n_startup_trials: Annotated[int, Field(ge=0)] = 6
+
+
+class StudyConfig(_Section):
+    """The whole study file, validated."""
+
+    source: Path
+    study: StudySection = StudySection()
+    data: DataConfig
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    space: SearchSpace = SearchSpace()
+    pruner: PrunerConfig = PrunerConfig()
+    sampler: SamplerConfig = SamplerConfig()
+
+    @model_validator(mode="after")
+    def _space_fits_data(self) -> StudyConfig:
+        self.space.check_fits(self.data.second_modality)
+        return self
+
+    @property
+    def name(self) -> str:
+        """The Optuna study name: ``[study] name`` or the file's stem."""
+        return self.study.name or self.source.stem
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this study's local files live (SQLite db, artifacts)."""
+        return Path("runs") / self.name
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """The file-system artifact store's folder."""
+        return self.study.artifacts_dir or self.run_dir / "artifacts"
+
+    def storage_url(self, override: str | None = None) -> str:
+        """The storage URL: ``--storage``, then ``SEARCH_STORAGE``, then the file, then SQLite."""
+        return (
+            override
+            or os.environ.get("SEARCH_STORAGE")
+            or self.study.storage
+            or f"sqlite:///{self.run_dir / 'study.db'}"
+        )
+
+
+def resolve_study_path(study: str) -> Path:
+    """Map ``--study`` to a file: a path ending in ``.toml``, else ``studies/<name>.toml``."""
+    if study.endswith(".toml") or os.sep in study:
+        return Path(study)
+    return STUDIES_DIR / f"{study}.toml"
+
+
+def load_study(study: str) -> StudyConfig:
+    """Read, parse and validate a study file.
+
+    Args:
+        study: A study name (``apples``) or a path to a TOML file.
+
+    Raises:
+        ConfigError: The file is missing, is not TOML, or is invalid; the message names the key.
+    """
+    path = resolve_study_path(study)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: study file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read study file ({error})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return parse_study(raw, path)
+
+
+def parse_study(raw: dict[str, Any], path: Path) -> StudyConfig:
+    """Validate an already-parsed study file; ``path`` is used in messages and for the name."""
+    if "source" in raw:
+        raise ConfigError(f"{path}: source: unknown key")
+    try:
+        config = StudyConfig.model_validate({**raw, "source": path})
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {_first_error(error)}") from None
+    except ValueError as error:  # raised by validators outside pydantic's wrapping (e.g. augment)
+        raise ConfigError(f"{path}: {error}") from None
+    _check_paths(config, path)
+    return config
+
+
+def _first_error(error: ValidationError) -> str:
+    """One line for the first validation error: ``key.path: message (got value)``."""
+    first = error.errors(include_url=False)[0]
+    key = ".".join(str(part) for part in first["loc"] if part not in ("function-after",))
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "missing required key"
+    elif "input" in first and not isinstance(first["input"], dict):
+        message += f" (got {first['input']!r})"
+    return f"{key}: {message}" if key else message
+
+
+def _check_paths(config: StudyConfig, path: Path) -> None:
+    data = config.data
+    if data.demo is None and not data.root.exists():
+        raise ConfigError(
+            f"{path}: data.root: folder {data.root} does not exist "
+            "(set data.demo = \"apples\" to generate the demo set there)"
+        )
+    weights = config.train.weights_dir
+    if weights is not None and not weights.is_dir():
+        raise ConfigError(f"{path}: train.weights_dir: folder {weights} does not exist")

@@ -1,0 +1,173 @@
+"""From the study's data section to model-ready arrays: splits, balanced training set, batches.
+
+Everything expensive (decoding, resizing, Augmentor) is cached on disk per content and
+settings, so a trial only pays for it once per machine. What remains per trial is
+gathering rows into tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+import augment
+import models
+from search.cache import SplitArrays, cached_arrays, load_split_arrays
+from search.config import StudyConfig
+from search.dataset import DatasetIndex, load_index
+from search.demo import ensure_demo
+
+TEXT_BUCKETS = 4096
+TEXT_LENGTH = 32
+DEPTH_MEAN, DEPTH_STD = 0.5, 0.25
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw inputs become model inputs; stored with every checkpoint and exported."""
+
+    resolution: int
+    numeric_mean: tuple[float, ...] | None = None
+    numeric_std: tuple[float, ...] | None = None
+    numeric_names: tuple[str, ...] | None = None
+    text_buckets: int = TEXT_BUCKETS
+    text_length: int = TEXT_LENGTH
+
+    def to_dict(self) -> dict:
+        return {
+            "resolution": self.resolution,
+            "channel_order": "RGB",
+            "layout": "NCHW",
+            "rgb": {"scale": 1 / 255, "mean": list(models.RGB_MEAN), "std": list(models.RGB_STD)},
+            "depth": {"scale": 1 / 255, "mean": DEPTH_MEAN, "std": DEPTH_STD, "mode": "L"},
+            "numeric": None if self.numeric_mean is None else {
+                "names": list(self.numeric_names or ()),
+                "mean": list(self.numeric_mean), "std": list(self.numeric_std or ()),
+            },
+            "text": {"tokenizer": "lowercase [a-z0-9]+ words, crc32(word) % (buckets-1) + 1, "
+                     "padded with 0", "buckets": self.text_buckets, "length": self.text_length},
+        }
+
+
+@dataclass
+class Split:
+    """One split as arrays ready to batch: uint8 images, standardised numeric, token ids."""
+
+    labels: np.ndarray
+    images: dict[str, np.ndarray]
+    numeric: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, rows: np.ndarray, device: torch.device, channels_last: bool) -> dict:
+        """Gather ``rows`` into a model batch (dict of tensors keyed by modality)."""
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        batch: dict[str, torch.Tensor] = {}
+        for modality, array in self.images.items():
+            pixels = torch.from_numpy(np.ascontiguousarray(array[rows])).to(device)
+            pixels = pixels.permute(0, 3, 1, 2).float().div_(255)
+            batch[modality] = _normalize(modality, pixels).contiguous(memory_format=memory)
+        if self.numeric is not None:
+            batch["numeric"] = torch.from_numpy(self.numeric[rows]).to(device)
+        if self.tokens is not None:
+            batch["text"] = torch.from_numpy(self.tokens[rows]).to(device)
+        return batch
+
+
+def _normalize(modality: str, pixels: torch.Tensor) -> torch.Tensor:
+    if modality == "depth":
+        return (pixels - DEPTH_MEAN) / DEPTH_STD
+    mean = torch.tensor(models.RGB_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(models.RGB_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+@dataclass
+class PreparedData:
+    """The study's data, decoded and cached, shared by every trial of a worker."""
+
+    config: StudyConfig
+    index: DatasetIndex
+    arrays: dict[str, SplitArrays]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.index.classes)
+
+    @cached_property
+    def preprocess(self) -> Preprocess:
+        train = self.arrays["train"]
+        if train.numeric is None:
+            return Preprocess(self.config.train.resolution)
+        std = train.numeric.std(axis=0)
+        return Preprocess(
+            self.config.train.resolution,
+            numeric_mean=tuple(float(v) for v in train.numeric.mean(axis=0)),
+            numeric_std=tuple(float(v) for v in np.where(std > 0, std, 1.0)),
+            numeric_names=tuple(self.index.numeric_names or ()),
+        )
+
+    def split(self, name: str) -> Split:
+        """An evaluation split (``val`` or ``test``), untouched by augmentation."""
+        return self._to_split(self.arrays[name], np.arange(len(self.arrays[name].labels)))
+
+    def train_split(self, strategy: str) -> tuple[Split, np.ndarray | None]:
+        """The balanced training split for ``strategy`` and its class weights (or None)."""
+        balanced = self._balanced(strategy)
+        weights = balanced.get("class_weights")
+        train = self.arrays["train"]
+        split = self._to_split(train, balanced["source_index"])
+        split.labels = np.asarray(balanced["labels"])
+        split.images = {m: balanced[f"image_{m}"] for m in train.images}
+        return split, None if weights is None else np.asarray(weights)
+
+    def _balanced(self, strategy: str) -> dict[str, np.ndarray]:
+        train = self.arrays["train"]
+        settings = self.config.augment
+        key_parts = {
+            "fingerprint": self.index.fingerprint, "resolution": self.config.train.resolution,
+            "strategy": strategy, "ops": settings.ops, "target": settings.target_per_class,
+            "seed": self.config.study.seed,
+        }
+        key = "balanced-" + hashlib.sha1(json.dumps(key_parts).encode()).hexdigest()[:20]
+
+        def build() -> dict[str, np.ndarray]:
+            result = augment.balance(
+                strategy, train.images, train.labels, ops=settings.ops,
+                target=settings.target_per_class, seed=self.config.study.seed,
+                num_classes=len(self.classes),
+            )
+            arrays = {f"image_{m}": a for m, a in result.images.items()}
+            arrays.update(labels=result.labels, source_index=result.source_index)
+            if result.class_weights is not None:
+                arrays["class_weights"] = result.class_weights
+            return arrays
+
+        return cached_arrays(self.config.data.cache_dir, key, build)
+
+    def _to_split(self, arrays: SplitArrays, rows: np.ndarray) -> Split:
+        prep = self.preprocess
+        numeric = tokens = None
+        if arrays.numeric is not None and prep.numeric_mean is not None:
+            mean = np.asarray(prep.numeric_mean, dtype=np.float32)
+            std = np.asarray(prep.numeric_std, dtype=np.float32)
+            numeric = ((np.asarray(arrays.numeric)[rows] - mean) / std).astype(np.float32)
+        if arrays.text is not None:
+            texts = [arrays.text[i] for i in rows]
+            tokens = models.tokenize(texts, prep.text_buckets, prep.text_length)
+        return Split(np.asarray(arrays.labels)[rows], dict(arrays.images), numeric, tokens)
+
+
+def prepare_data(config: StudyConfig) -> PreparedData:
+    """Generate the demo set if asked, validate the data set and load its cached arrays."""
+    ensure_demo(config.data, seed=config.study.seed)
+    index = load_index(config.data, seed=config.study.seed)
+    arrays = load_split_arrays(index, config.train.resolution, config.data.cache_dir)
+    return PreparedData(config, index, arrays)

@@ -1,0 +1,217 @@
+"""The trial objective: sample parameters, build the model, train it, record what happened."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+
+import models
+from search.artifacts import upload_trial_artifacts
+from search.config import StudyConfig
+from search.data import PreparedData
+from search.space import Categorical
+from search.storage import retrying
+from search.train import Speedups, TrialParams, train
+
+
+def sample_params(trial: optuna.Trial, config: StudyConfig) -> TrialParams:
+    """Draw one trial's parameters from ``[space]`` (and the balance strategies)."""
+    space = config.space
+    second = config.data.second_modality
+    fusion = space.fusion.suggest(trial, "fusion")
+    two_branches = fusion in ("joint", "late") and second == "depth"
+    return TrialParams(
+        backbone=space.backbone.suggest(trial, "backbone"),
+        fusion=fusion,
+        dropout=space.dropout.suggest(trial, "dropout"),
+        optimizer=space.optimizer.suggest(trial, "optimizer"),
+        lr=space.lr.suggest(trial, "lr"),
+        weight_decay=space.weight_decay.suggest(trial, "weight_decay"),
+        batch_size=(space.batch_size.suggest(trial, "batch_size") if space.batch_size
+                    else config.train.batch_size),
+        label_smoothing=space.label_smoothing.suggest(trial, "label_smoothing"),
+        balance=Categorical(tuple(config.augment.strategies)).suggest(trial, "balance"),
+        depth_backbone=(space.depth_backbone.suggest(trial, "depth_backbone")
+                        if two_branches else "b0"),
+        late_rule=space.late_rule.suggest(trial, "late_rule") if fusion == "late" else "mean",
+    )
+
+
+def model_spec(params: TrialParams, data: PreparedData) -> models.ModelSpec:
+    """The architecture for ``params`` on this data set."""
+    config = data.config
+    prep = data.preprocess
+    second = config.data.second_modality if params.fusion != "none" else None
+    return models.ModelSpec(
+        backbone=params.backbone,
+        fusion=params.fusion,
+        num_classes=len(data.classes),
+        modality=second,
+        resolution=config.train.resolution,
+        dropout=params.dropout,
+        numeric_dim=len(prep.numeric_mean or ()) if second == "numeric" else None,
+        depth_backbone=params.depth_backbone,
+        text_buckets=prep.text_buckets,
+        text_length=prep.text_length,
+        late_rule=params.late_rule,
+        implementation=config.train.implementation,
+    )
+
+
+def pick_device(setting: str) -> torch.device:
+    """``auto`` takes the (first visible) GPU when there is one."""
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_speedups(config: StudyConfig, device: torch.device) -> Speedups:
+    """channels_last and autocast where the device gains from them (see bench/README.md)."""
+    train_cfg = config.train
+    on_gpu = device.type == "cuda"
+    channels_last = on_gpu if train_cfg.channels_last == "auto" else train_cfg.channels_last
+    use_autocast = on_gpu if train_cfg.autocast == "auto" else train_cfg.autocast
+    dtype = None
+    if use_autocast:
+        dtype = torch.bfloat16 if not on_gpu or torch.cuda.is_bf16_supported() else torch.float16
+    return Speedups(channels_last=channels_last, autocast_dtype=dtype)
+
+
+def load_pretrained(weights_dir: Path | None, backbone: str) -> dict | None:
+    """A local state dict for ``backbone`` (``b0.pth`` or ``efficientnet-b0*.pth``), if given."""
+    if weights_dir is None:
+        return None
+    for pattern in (f"{backbone}.pth", f"{backbone}.pt", f"efficientnet-{backbone}*.pth"):
+        for path in sorted(weights_dir.glob(pattern)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    return None
+
+
+class Objective:
+    """Callable for ``study.optimize``; one instance per worker, reused by its trials."""
+
+    def __init__(self, data: PreparedData, *, artifact_store, device: torch.device,
+                 on_trial_start: Callable[[], None] = lambda: None) -> None:
+        self.data = data
+        self.config = data.config
+        self.store = artifact_store
+        self.device = device
+        self.speed = pick_speedups(self.config, device)
+        self.on_trial_start = on_trial_start
+        self.storage_s = 0.0
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.on_trial_start()
+        try:
+            return self._run(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:
+            # Optuna logs the traceback but stores no reason; keep one line in the study.
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            retrying(trial.set_user_attr, "fail_reason", reason)
+            self._resume_path(trial).unlink(missing_ok=True)
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
+        started = time.perf_counter()
+        if "origin_trial" not in trial.user_attrs:
+            # Heartbeat retries copy user attributes, so a retry finds its origin's state.
+            retrying(trial.set_user_attr, "origin_trial", trial.number)
+        self.storage_s = 0.0
+        params = sample_params(trial, self.config)
+        torch.manual_seed(self.config.study.seed + trial.number)
+        spec = model_spec(params, self.data)
+        model = models.create_model(
+            spec, pretrained=load_pretrained(self.config.train.weights_dir, params.backbone))
+        n_params = sum(p.numel() for p in model.parameters())
+        self._attrs(trial, {"n_params": n_params, "device": self._device_name(),
+                            "model_spec": spec.to_dict(), "worker_pid": os.getpid()})
+        tick = time.perf_counter()
+        train_split, weights = self.data.train_split(params.balance)
+        val_split = self.data.split("val")
+        data_s = time.perf_counter() - tick
+
+        resume_path = self._resume_path(trial)
+        result = train(
+            model, train_split, val_split, params=params, settings=self.config.train,
+            device=self.device, speed=self.speed, num_classes=len(self.data.classes),
+            seed=self.config.study.seed + trial.number, class_weights=weights,
+            on_epoch=lambda epoch, f1: self._report(trial, epoch, f1),
+            save_resume=lambda state: _save_atomic(state, resume_path),
+            resume=_load_resume(resume_path),
+        )
+        tick = time.perf_counter()
+        metrics = self._record(trial, result, n_params)
+        upload_trial_artifacts(
+            self.store, trial, classes=self.data.classes, metrics=metrics,
+            checkpoint={"spec": spec.to_dict(), "state_dict": result.best_state,
+                        "classes": self.data.classes,
+                        "preprocess": self.data.preprocess.to_dict()})
+        artifacts_s = time.perf_counter() - tick
+        timing = {**result.timing, "prepare_s": data_s, "storage_s": self.storage_s,
+                  "artifacts_s": artifacts_s, "total_s": time.perf_counter() - started}
+        self._attrs(trial, {"timing": timing})
+        resume_path.unlink(missing_ok=True)
+        return result.best.macro_f1
+
+    def _report(self, trial: optuna.Trial, epoch: int, f1: float) -> None:
+        tick = time.perf_counter()
+        retrying(trial.report, f1, epoch)
+        prune = retrying(trial.should_prune)
+        self.storage_s += time.perf_counter() - tick
+        if prune:
+            self._attrs(trial, {"pruned_at_epoch": epoch, "last_val_macro_f1": f1})
+            self._resume_path(trial).unlink(missing_ok=True)
+            raise optuna.TrialPruned(f"val macro F1 {f1:.3f} at epoch {epoch}")
+
+    def _record(self, trial: optuna.Trial, result, n_params: int) -> dict:
+        best = result.best
+        per_class = dict(zip(self.data.classes, best.per_class_f1, strict=True))
+        seconds = result.timing["train_s"] + result.timing["data_s"] + result.timing["val_s"]
+        self._attrs(trial, {
+            "per_class_f1": per_class, "accuracy": best.accuracy,
+            "images_per_s": round(result.images_per_s, 1),
+            "seconds_per_epoch": round(seconds / max(1, result.epochs_run), 2),
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        })
+        return {"macro_f1": best.macro_f1, "accuracy": best.accuracy,
+                "per_class_f1": best.per_class_f1, "confusion": best.confusion,
+                "classes": self.data.classes, "best_epoch": result.best_epoch,
+                "history": result.history, "n_params": n_params}
+
+    def _attrs(self, trial: optuna.Trial, attrs: dict) -> None:
+        tick = time.perf_counter()
+        for key, value in attrs.items():
+            retrying(trial.set_user_attr, key, value)
+        self.storage_s += time.perf_counter() - tick
+
+    def _resume_path(self, trial: optuna.Trial) -> Path:
+        original = trial.user_attrs.get("origin_trial", trial.number)
+        return self.config.artifacts_dir / "resume" / f"trial-{original}.pt"
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _load_resume(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return None  # unreadable leftovers: start the trial afresh

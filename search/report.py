@@ -1,0 +1,126 @@
+"""What a person reads about a study: progress line, best trials, where the time went.
+
+Everything here is computed from the storage alone, so ``search status`` shows the same
+as the live view of ``search run``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
+
+TIMING_KEYS = ("prepare_s", "data_s", "train_s", "val_s", "storage_s", "artifacts_s")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counts, best value and ETA of a study against its budget."""
+
+    n_trials: int
+    counts: dict[TrialState, int]
+    best: FrozenTrial | None
+    elapsed_s: float
+    eta_s: float | None
+
+    @property
+    def done(self) -> int:
+        return self.counts.get(TrialState.COMPLETE, 0) + self.counts.get(TrialState.PRUNED, 0)
+
+    def line(self) -> str:
+        """One line: ``7/20 done (5 complete, 2 pruned, 0 failed, 2 running) | best ...``."""
+        c = self.counts
+        text = (f"{self.done}/{self.n_trials} done ({c.get(TrialState.COMPLETE, 0)} complete, "
+                f"{c.get(TrialState.PRUNED, 0)} pruned, {c.get(TrialState.FAIL, 0)} failed, "
+                f"{c.get(TrialState.RUNNING, 0)} running)")
+        if self.best is not None:
+            text += f" | best val macro F1 {self.best.value:.4f} (trial {self.best.number}: "
+            text += ", ".join(f"{k}={_short(v)}" for k, v in self.best.params.items()) + ")"
+        text += f" | elapsed {_duration(self.elapsed_s)}"
+        if self.eta_s is not None and self.done < self.n_trials:
+            text += f" | ETA {_duration(self.eta_s)}"
+        return text
+
+
+def progress(study: optuna.Study, n_trials: int, *, started: float | None = None,
+             workers: int = 1) -> Progress:
+    """Measure the study; ETA = mean finished-trial time x remaining trials / workers."""
+    trials = study.get_trials(deepcopy=False)
+    counts = dict(Counter(t.state for t in trials))
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    best = max((t for t in trials if t.state == TrialState.COMPLETE),
+               key=lambda t: t.value, default=None)
+    durations = [t.duration.total_seconds() for t in finished if t.duration is not None]
+    remaining = max(0, n_trials - len(finished))
+    eta = statistics.mean(durations) * remaining / max(1, workers) if durations else None
+    elapsed = time.time() - started if started else _study_span(trials)
+    return Progress(n_trials, counts, best, elapsed, eta)
+
+
+def best_trials_table(study: optuna.Study, *, top: int = 5) -> Table:
+    """The best complete trials with their parameters and key attributes."""
+    complete = sorted((t for t in study.get_trials(deepcopy=False)
+                       if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:top]
+    table = Table(title=f"best trials of {study.study_name!r}")
+    for column in ("trial", "val macro F1", "accuracy", "params", "epochs", "img/s", "time"):
+        table.add_column(column)
+    for trial in complete:
+        attrs = trial.user_attrs
+        table.add_row(
+            str(trial.number), f"{trial.value:.4f}", _fmt(attrs.get("accuracy")),
+            ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items()),
+            str(attrs.get("epochs_run", "")), str(attrs.get("images_per_s", "")),
+            _duration(trial.duration.total_seconds()) if trial.duration else "")
+    return table
+
+
+def timing_table(study: optuna.Study) -> Table:
+    """Where each finished trial's time went (seconds), and the share of the total."""
+    table = Table(title="time per trial (s)")
+    for column in ("trial", "state", *TIMING_KEYS, "total_s"):
+        table.add_column(column, justify="right")
+    sums = Counter()
+    for trial in study.get_trials(deepcopy=False):
+        timing = trial.user_attrs.get("timing")
+        if not timing:
+            continue
+        sums.update({k: timing.get(k, 0.0) for k in (*TIMING_KEYS, "total_s")})
+        table.add_row(str(trial.number), trial.state.name,
+                      *(f"{timing.get(k, 0.0):.1f}" for k in (*TIMING_KEYS, "total_s")))
+    total = sums.get("total_s", 0.0)
+    if total:
+        table.add_row("share", "", *(f"{100 * sums[k] / total:.1f}%" for k in TIMING_KEYS), "100%")
+    return table
+
+
+def failures(study: optuna.Study) -> list[str]:
+    """One line per failed trial with Optuna's recorded reason."""
+    lines = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        reason = trial.user_attrs.get("fail_reason") or "worker died (heartbeat) or interrupted"
+        lines.append(f"trial {trial.number} failed: {reason.strip().splitlines()[-1]}")
+    return lines
+
+
+def _study_span(trials: list[FrozenTrial]) -> float:
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    return (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ""
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

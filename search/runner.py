@@ -1,0 +1,171 @@
+"""``search run``: create or load the study, start one worker per GPU, show progress.
+
+The study is created here, once, before any worker starts (two processes creating the
+same fresh SQLite study race on table creation). Workers are plain subprocesses running
+``search worker``; the database is their only coordination.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.live import Live
+
+from search.config import StudyConfig
+from search.data import prepare_data
+from search.report import best_trials_table, failures, progress
+from search.storage import check_reachable, get_storage, retrying
+
+STOP_GRACE_S = 60
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker process to start: its index, visible GPU (or None) and CPU threads."""
+
+    index: int
+    gpu: int | None
+    threads: int
+
+
+def plan_workers(config: StudyConfig, workers: int | None) -> list[WorkerPlan]:
+    """One worker per visible GPU; on a CPU-only machine ``train.workers`` (default 1)."""
+    gpus = torch.cuda.device_count() if config.train.device != "cpu" else 0
+    count = workers or (gpus if gpus else (1 if config.train.workers == "auto"
+                                           else config.train.workers))
+    threads = config.train.threads or max(1, (os.cpu_count() or 1) // count)
+    return [WorkerPlan(i, (i % gpus) if gpus else None, threads) for i in range(count)]
+
+
+def create_study(config: StudyConfig, storage_url: str, n_trials: int) -> optuna.Study:
+    """Create the study (maximize val macro F1) or load it; record budget and classes."""
+    check_reachable(storage_url)
+    storage = get_storage(storage_url)
+    study = optuna.create_study(study_name=config.name, storage=storage,
+                                direction="maximize", load_if_exists=True)
+    study.set_user_attr("n_trials", n_trials)
+    study.set_user_attr("study_file", str(config.source))
+    study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
+    return study
+
+
+def run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None = None,
+              workers: int | None = None, console: Console | None = None) -> optuna.Study:
+    """Run (or continue) the study until its budget is spent; returns the study."""
+    console = console or Console()
+    n_trials = n_trials or config.study.n_trials
+    study = create_study(config, storage_url, n_trials)
+    state = progress(study, n_trials)
+    if state.done >= n_trials:
+        console.print(f"study {config.name!r} is already finished: {state.line()}")
+        console.print(best_trials_table(study))
+        return study
+    if state.done:
+        console.print(f"continuing study {config.name!r}: {state.done}/{n_trials} trials done")
+
+    data = prepare_data(config)  # generate, validate and cache once, before workers race
+    console.print(f"data: {len(data.classes)} classes, "
+                  + ", ".join(f"{name} {len(a.labels)}" for name, a in data.arrays.items()))
+    plans = plan_workers(config, workers)
+    console.print(f"starting {len(plans)} worker(s) on "
+                  + ("GPU " + ",".join(str(p.gpu) for p in plans) if plans[0].gpu is not None
+                     else f"CPU ({plans[0].threads} threads each)")
+                  + f"; logs in {config.run_dir / 'logs'}")
+    processes = [_start_worker(config, storage_url, n_trials, plan) for plan in plans]
+    try:
+        _watch(study, n_trials, processes, console)
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping workers (their running trials are marked FAIL)")
+        _stop(processes)
+        _fail_orphans(study, processes)
+        console.print(f"run `search run --study {config.source}` to continue")
+        raise
+    _fail_orphans(study, processes)
+    _report_worker_errors(processes, config, console)
+    console.print(progress(study, n_trials).line())
+    console.print(best_trials_table(study))
+    for line in failures(study):
+        console.print(line)
+    return study
+
+
+def _start_worker(config: StudyConfig, storage_url: str, n_trials: int,
+                  plan: WorkerPlan) -> subprocess.Popen:
+    logs = config.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if plan.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(plan.gpu)
+    command = [sys.executable, "-m", "search", "worker", "--study", str(config.source),
+               "--storage", storage_url, "--n-trials", str(n_trials),
+               "--worker-index", str(plan.index), "--threads", str(plan.threads)]
+    log = open(logs / f"worker-{plan.index}.log", "a")  # noqa: SIM115 - child owns it
+    # Own session: a terminal Ctrl-C reaches only us, and we forward exactly one SIGINT.
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    process.log_path = Path(log.name)  # type: ignore[attr-defined]
+    log.close()
+    return process
+
+
+def _watch(study: optuna.Study, n_trials: int, processes: list[subprocess.Popen],
+           console: Console) -> None:
+    """Live progress line until every worker has exited."""
+    started = time.time()
+    interactive = console.is_terminal
+    last_line = ""
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        while True:
+            running = any(p.poll() is None for p in processes)
+            line = retrying(progress, study, n_trials, started=started,
+                            workers=len(processes)).line()
+            if interactive:
+                live.update(line, refresh=True)
+            elif line != last_line:
+                console.print(line)  # one line per change in logs and CI
+            last_line = line
+            if not running:
+                return
+            time.sleep(1.0 if interactive else 2.0)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """SIGINT, then wait; workers mark their trial FAIL and exit."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _fail_orphans(study: optuna.Study, processes: list[subprocess.Popen]) -> None:
+    """No trial of ours may stay RUNNING once its worker is gone."""
+    pids = {p.pid for p in processes}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker_pid") in pids:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _report_worker_errors(processes: list[subprocess.Popen], config: StudyConfig,
+                          console: Console) -> None:
+    for process in processes:
+        if process.returncode not in (0, None):
+            log_path: Path = process.log_path  # type: ignore[attr-defined]
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            console.print(f"[red]worker exited with code {process.returncode}[/red]: "
+                          f"{lines[-1] if lines else ''} (log: {log_path})")

@@ -1,0 +1,226 @@
+"""The training loop: one straight block, from sampled parameters to the best epoch's weights.
+
+It knows nothing of Optuna: the objective passes an ``on_epoch`` callback that reports the
+validation macro F1 (and raises to prune) and a ``save_resume`` callback that keeps a
+restartable state, so a killed worker loses at most one epoch of its trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from torch import nn
+
+from search.config import TrainConfig
+from search.data import Split
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """What one trial trains with (sampled or fixed)."""
+
+    backbone: str
+    fusion: str
+    dropout: float
+    optimizer: str
+    lr: float
+    weight_decay: float
+    batch_size: int
+    label_smoothing: float
+    balance: str
+    depth_backbone: str = "b0"
+    late_rule: str = "mean"
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one pass over an evaluation split."""
+
+    macro_f1: float
+    accuracy: float
+    per_class_f1: list[float]
+    confusion: list[list[int]]
+    probabilities: np.ndarray
+
+
+@dataclass
+class TrainResult:
+    """The best epoch of a trial and how the time was spent."""
+
+    best: Evaluation
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    epochs_run: int
+    history: list[float]
+    images_per_s: float
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Device-dependent switches; the objective picks them per device."""
+
+    channels_last: bool
+    autocast_dtype: torch.dtype | None
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float):
+    """The four optimizers the search space may name."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
+                               weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up, then cosine decay to 5% of the peak."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, *, device: torch.device, speed: Speedups,
+             num_classes: int, batch_size: int = 128) -> Evaluation:
+    """Predict a whole split and score it with scikit-learn (macro F1 is the search's value)."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(split), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(split)))
+        batch = split.batch(rows, device, speed.channels_last)
+        with _autocast(device, speed):
+            logits = model(batch)
+        chunks.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    probabilities = np.concatenate(chunks)
+    predicted = probabilities.argmax(axis=1)
+    labels = list(range(num_classes))
+    return Evaluation(
+        macro_f1=float(f1_score(split.labels, predicted, average="macro", labels=labels,
+                                zero_division=0)),
+        accuracy=float(accuracy_score(split.labels, predicted)),
+        per_class_f1=[float(v) for v in f1_score(split.labels, predicted, average=None,
+                                                  labels=labels, zero_division=0)],
+        confusion=confusion_matrix(split.labels, predicted, labels=labels).tolist(),
+        probabilities=probabilities,
+    )
+
+
+def _autocast(device: torch.device, speed: Speedups):
+    if speed.autocast_dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=speed.autocast_dtype)
+
+
+def train(
+    model: nn.Module,
+    train_split: Split,
+    val_split: Split,
+    *,
+    params: TrialParams,
+    settings: TrainConfig,
+    device: torch.device,
+    speed: Speedups,
+    num_classes: int,
+    seed: int,
+    class_weights: np.ndarray | None = None,
+    on_epoch: Callable[[int, float], None] = lambda epoch, f1: None,
+    save_resume: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+) -> TrainResult:
+    """Train ``model`` and keep the weights of its best validation epoch.
+
+    ``on_epoch(epoch, macro_f1)`` runs after every validation and may raise to stop the
+    trial (pruning). Early stopping ends training after ``settings.patience`` epochs
+    without improvement.
+    """
+    model.to(device)
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    generator = np.random.default_rng(seed)
+    steps_per_epoch = math.ceil(len(train_split) / params.batch_size)
+    optimizer = make_optimizer(params.optimizer, model, params.lr, params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch))
+    weight = None if class_weights is None else torch.as_tensor(class_weights, device=device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
+
+    history: list[float] = []
+    best, best_epoch, best_state = None, -1, {}
+    timing = {"data_s": 0.0, "train_s": 0.0, "val_s": 0.0}
+    first_epoch, images_seen = 0, 0
+    if resume is not None:  # a retried trial continues where the dead worker left off
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        history, best_epoch = resume["history"], resume["best_epoch"]
+        best_state = resume["best_state"]
+        generator = np.random.default_rng([seed, len(history)])
+        first_epoch = len(history)
+    best_f1 = history[best_epoch] if best_epoch >= 0 else -1.0
+
+    for epoch in range(first_epoch, settings.epochs):
+        model.train()
+        order = generator.permutation(len(train_split))
+        for start in range(0, len(order), params.batch_size):
+            rows = order[start:start + params.batch_size]
+            if len(rows) < 2:  # batch norm cannot train on a single sample
+                continue
+            tick = time.perf_counter()
+            batch = train_split.batch(rows, device, speed.channels_last)
+            targets = torch.from_numpy(train_split.labels[rows]).to(device)
+            timing["data_s"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            with _autocast(device, speed):
+                loss = loss_fn(model(batch).float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            timing["train_s"] += time.perf_counter() - tick
+            images_seen += len(rows)
+
+        tick = time.perf_counter()
+        current = evaluate(model, val_split, device=device, speed=speed, num_classes=num_classes)
+        timing["val_s"] += time.perf_counter() - tick
+        history.append(current.macro_f1)
+        if current.macro_f1 > best_f1:
+            best, best_f1, best_epoch = current, current.macro_f1, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        on_epoch(epoch, current.macro_f1)
+        if save_resume is not None and epoch + 1 < settings.epochs:
+            save_resume({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "history": history,
+                         "best_epoch": best_epoch, "best_state": best_state})
+        if epoch - best_epoch >= settings.patience:
+            break  # early stopping: no improvement for `patience` epochs
+
+    if best is None:
+        # Resumed after the best epoch: score the restored best weights once more.
+        model.load_state_dict(best_state)
+        best = evaluate(model, val_split, device=device, speed=speed, num_classes=num_classes)
+    return TrainResult(
+        best=best, best_epoch=best_epoch, best_state=copy.copy(best_state),
+        epochs_run=len(history) - first_epoch, history=history,
+        images_per_s=images_seen / max(timing["train_s"] + timing["data_s"], 1e-9),
+        timing=timing,
+    )

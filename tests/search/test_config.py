@@ -1,0 +1,142 @@
+"""Study-file parsing: every bad input is one line naming the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search.config import load_study, resolve_study_path
+from search.errors import ConfigError
+from search.space import Categorical, Range
+
+GOOD = """
+[study]
+n_trials = 5
+seed = 3
+
+[data]
+root = "{root}"
+modalities = ["rgb", "depth"]
+
+[augment]
+balance = ["oversample", "none"]
+ops = ["flip_left_right"]
+
+[train]
+epochs = 2
+resolution = 32
+
+[space]
+backbone = ["b0", "b1"]
+fusion = ["none", "early", "joint", "late"]
+dropout = [0.0, 0.5]
+optimizer = ["adam", "sgd"]
+lr = {{ low = 1e-4, high = 1e-1, log = true }}
+batch_size = {{ choices = [16, 32] }}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(text.replace("{root}", str(tmp_path)))
+    return path
+
+
+def good_text() -> str:
+    return GOOD.replace("{{", "{").replace("}}", "}")
+
+
+def test_good_study_parses_into_typed_objects(tmp_path):
+    config = load_study(str(write(tmp_path, good_text())))
+    assert config.name == "study"
+    assert config.study.n_trials == 5
+    assert config.data.second_modality == "depth"
+    assert config.augment.strategies == ["oversample", "none"]
+    assert config.space.dropout == Range(0.0, 0.5)
+    assert config.space.lr == Range(1e-4, 1e-1, log=True)
+    assert config.space.batch_size == Categorical((16, 32))
+    assert config.space.backbone == Categorical(("b0", "b1"))
+
+
+def test_the_default_study_is_valid():
+    config = load_study("apples")
+    assert config.name == "apples"
+    assert config.data.demo == "apples"
+
+
+def test_name_resolves_to_studies_folder(tmp_path):
+    assert resolve_study_path("apples") == Path("studies/apples.toml")
+    assert resolve_study_path("x/y.toml") == Path("x/y.toml")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("[study]", "[study]\ncolour = 1"), "study.colour: unknown key"),
+        (("[train]", "[train]\nepochz = 3"), "train.epochz: unknown key"),
+        (("[nonsense]", None), None),
+        (("n_trials = 5", 'n_trials = "five"'), "study.n_trials"),
+        (("n_trials = 5", "n_trials = 0"), "study.n_trials"),
+        (("log = true", "log = true, step = 2"), "space.lr"),
+        (("low = 1e-4", "low = 0.0"), "space.lr"),
+        (("low = 1e-4, high = 1e-1, log = true", "low = 0.1, high = 0.01"), "low must be < high"),
+        (("dropout = [0.0, 0.5]", "dropout = [0.5, 0.1]"), "space.dropout"),
+        (('backbone = ["b0", "b1"]', 'backbone = ["b0", "b9"]'), "'b9'"),
+        (('optimizer = ["adam", "sgd"]', 'optimizer = ["lion"]'), "'lion'"),
+        (('fusion = ["none", "early", "joint", "late"]', 'fusion = ["cross"]'), "'cross'"),
+        (('modalities = ["rgb", "depth"]', 'modalities = ["depth", "rgb"]'), "data.modalities"),
+        (('modalities = ["rgb", "depth"]', 'modalities = ["rgb", "depth", "text"]'),
+         "data.modalities"),
+        (('modalities = ["rgb", "depth"]', 'modalities = ["rgb", "sonar"]'), "'sonar'"),
+        (('modalities = ["rgb", "depth"]', 'modalities = ["rgb"]'), "space.fusion"),
+        (('modalities = ["rgb", "depth"]', 'modalities = ["rgb", "text"]'), "'early'"),
+        (('ops = ["flip_left_right"]', 'ops = ["melt"]'), "melt"),
+        (('balance = ["oversample", "none"]', 'balance = "smote"'), "augment.balance"),
+        (("resolution = 32", "resolution = 8"), "train.resolution"),
+    ],
+)
+def test_bad_study_is_one_line_naming_the_key(tmp_path, change, expected):
+    old, new = change
+    text = good_text()
+    if new is None:
+        text += f"\n{old}\nx = 1\n"
+        expected = "nonsense: unknown key"
+    else:
+        assert old in text
+        text = text.replace(old, new, 1)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_study(str(path))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    assert expected in message
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    path = write(tmp_path, "[study\nname=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_study(str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="study file not found"):
+        load_study(str(tmp_path / "nope.toml"))
+
+
+def test_missing_data_root_without_demo(tmp_path):
+    text = good_text().replace('root = "{root}"', 'root = "/no/such/folder"')
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="data.root: folder /no/such/folder does not exist"):
+        load_study(str(path))
+
+
+def test_storage_precedence(tmp_path, monkeypatch):
+    config = load_study(str(write(tmp_path, good_text())))
+    monkeypatch.delenv("SEARCH_STORAGE", raising=False)
+    assert config.storage_url() == "sqlite:///runs/study/study.db"
+    monkeypatch.setenv("SEARCH_STORAGE", "sqlite:///env.db")
+    assert config.storage_url() == "sqlite:///env.db"
+    assert config.storage_url("sqlite:///flag.db") == "sqlite:///flag.db"
