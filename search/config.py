@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from search.errors import ConfigError
 from search.space import SearchSpace
+from search.storage import HeartbeatConfig
 
 MODALITIES = ("rgb", "depth", "numeric", "text")
 STUDIES_DIR = Path("studies")
@@ -36,6 +37,15 @@ class StudySection(_Section):
     storage: str | None = None
     artifacts_dir: Path | None = None
     seed: int = 0
+    heartbeat_interval_s: Annotated[int, Field(gt=0)] = 10
+    heartbeat_grace_s: Annotated[int, Field(gt=0)] = 30
+    max_retry: Annotated[int, Field(ge=0)] = 3
+
+    @model_validator(mode="after")
+    def _grace_longer_than_interval(self) -> StudySection:
+        if self.heartbeat_grace_s <= self.heartbeat_interval_s:
+            raise ValueError("study.heartbeat_grace_s must be longer than heartbeat_interval_s")
+        return self
 
 
 class DataConfig(_Section):
@@ -153,6 +163,12 @@ class StudyConfig(_Section):
     def artifacts_dir(self) -> Path:
         """The file-system artifact store's folder."""
         return self.study.artifacts_dir or self.run_dir / "artifacts"
+
+    @property
+    def heartbeat(self) -> HeartbeatConfig:
+        """How running trials prove they are alive (and when a dead one is retried)."""
+        return HeartbeatConfig(self.study.heartbeat_interval_s, self.study.heartbeat_grace_s,
+                               self.study.max_retry)
 
     def storage_url(self, override: str | None = None) -> str:
         """The storage URL: ``--storage``, then ``SEARCH_STORAGE``, then the file, then SQLite."""

@@ -50,7 +50,7 @@ def plan_workers(config: StudyConfig, workers: int | None) -> list[WorkerPlan]:
 def create_study(config: StudyConfig, storage_url: str, n_trials: int) -> optuna.Study:
     """Create the study (maximize val macro F1) or load it; record budget and classes."""
     check_reachable(storage_url)
-    storage = get_storage(storage_url)
+    storage = get_storage(storage_url, heartbeat=config.heartbeat)
     study = optuna.create_study(study_name=config.name, storage=storage,
                                 direction="maximize", load_if_exists=True)
     study.set_user_attr("n_trials", n_trials)

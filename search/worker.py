@@ -74,7 +74,7 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     """Run trials until ``options.n_trials`` are complete or pruned; returns trials run here."""
     if options.threads:
         torch.set_num_threads(options.threads)
-    storage = get_storage(options.storage_url)
+    storage = get_storage(options.storage_url, heartbeat=config.heartbeat)
     study = load_study(config, storage, options.worker_index)
     data = prepare_data(config)
     lock = StudyLock(options.storage_url, config.name)
