@@ -19,10 +19,20 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search.storage import engine_kwargs, normalize_url
+from search.errors import StorageError
+from search.storage import (
+    RetryPolicy,
+    call_with_retries,
+    engine_kwargs,
+    is_transient,
+    normalize_url,
+    redact,
+)
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)
+# A critical section lasts one ask(); ten minutes of waiting means a stuck holder.
+LOCK_WAIT_S = 600
 
 
 @dataclass(frozen=True)
@@ -59,25 +69,45 @@ def budget_state(study: optuna.Study, n_trials: int) -> BudgetState:
     return BudgetState(n_trials, dict(Counter(t.state for t in trials)))
 
 
-def top_up(study: optuna.Study, n_trials: int) -> int:
+def top_up(study: optuna.Study, n_trials: int, *, retry: RetryPolicy | None = None) -> int:
     """Queue WAITING trials until complete + pruned + running + waiting == ``n_trials``.
 
     Failed trials do not use the budget, so a failure is replaced by a fresh trial here.
     Call under :class:`StudyLock`. Returns how many trials were queued.
     """
-    missing = n_trials - budget_state(study, n_trials).live
-    for _ in range(max(0, missing)):
-        # Empty params: the sampler chooses every parameter when the trial is popped.
-        study.enqueue_trial({})
-    return max(0, missing)
+    queued = 0
+    while call_with_retries(_queue_one, study, n_trials, policy=retry or RetryPolicy(),
+                            what="the study's storage"):
+        queued += 1
+    return queued
+
+
+def _queue_one(study: optuna.Study, n_trials: int) -> bool:
+    """Queue one trial if the budget has room; recounting first makes a retry safe.
+
+    Creating a trial is not idempotent: if the connection drops after the insert committed,
+    the retry counts that trial and does not queue a second one.
+    """
+    if budget_state(study, n_trials).live >= n_trials:
+        return False
+    # Empty params: the sampler chooses every parameter when the trial is popped.
+    study.enqueue_trial({})
+    return True
 
 
 class StudyLock:
-    """A lock named after the study, shared by every worker that can reach the storage."""
+    """A lock named after the study, shared by every worker that can reach the storage.
 
-    def __init__(self, storage_url: str, study_name: str) -> None:
+    On a server the lock lives as long as its connection: if the server restarts, the lock
+    is gone with it. Acquiring waits out such an outage; releasing a lock whose connection
+    died is a no-op.
+    """
+
+    def __init__(self, storage_url: str, study_name: str, *,
+                 retry: RetryPolicy | None = None) -> None:
         self._url = normalize_url(storage_url)
         self._name = study_name
+        self._retry = retry or RetryPolicy()
         self._file = None
         self._connection: sqlalchemy.Connection | None = None
         self._engine: sqlalchemy.Engine | None = None
@@ -86,7 +116,8 @@ class StudyLock:
         if self._url.startswith("sqlite"):
             self._acquire_file()
         else:
-            self._acquire_server()
+            call_with_retries(self._acquire_server, policy=self._retry,
+                              what=f"the study lock's storage {redact(self._url)}")
 
     def release(self) -> None:
         """Release the lock; safe to call when it is not held."""
@@ -95,11 +126,15 @@ class StudyLock:
             self._file.close()
             self._file = None
         if self._connection is not None:
+            connection, self._connection = self._connection, None
             try:
-                self._connection.execute(*self._server_sql(unlock=True))
-            finally:
-                self._connection.close()
-                self._connection = None
+                connection.execute(*self._server_sql(unlock=True))
+                connection.close()
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                # The server dropped the session, and the lock with it.
+                connection.invalidate()
 
     def __enter__(self) -> StudyLock:
         self.acquire()
@@ -118,9 +153,18 @@ class StudyLock:
     def _acquire_server(self) -> None:
         if self._engine is None:
             self._engine = sqlalchemy.create_engine(self._url, **engine_kwargs(self._url))
-        self._connection = self._engine.connect()
-        self._connection.execute(*self._server_sql(unlock=False))
-        self._connection.commit()
+        connection = self._engine.connect()
+        try:
+            got = connection.execute(*self._server_sql(unlock=False)).scalar()
+            connection.commit()
+        except Exception:
+            connection.invalidate()
+            raise
+        if got == 0:  # GET_LOCK timed out (pg_advisory_lock waits for ever and returns NULL)
+            connection.close()
+            raise StorageError(f"study {self._name!r}: no lock within {LOCK_WAIT_S} s on "
+                               f"{redact(self._url)}; is a worker stuck holding it?")
+        self._connection = connection
 
     def _server_sql(self, *, unlock: bool) -> tuple:
         key = _slug(self._name)
@@ -130,9 +174,10 @@ class StudyLock:
             return (sqlalchemy.text(f"SELECT {verb}(:key)"), {"key": number})
         if unlock:
             return (sqlalchemy.text("SELECT RELEASE_LOCK(:key)"), {"key": key})
-        return (sqlalchemy.text("SELECT GET_LOCK(:key, 600)"), {"key": key})
+        return (sqlalchemy.text("SELECT GET_LOCK(:key, :wait)"), {"key": key, "wait": LOCK_WAIT_S})
 
     def close(self) -> None:
+        """Release the lock and close its connections."""
         self.release()
         if self._engine is not None:
             self._engine.dispose()

@@ -117,5 +117,62 @@ def data_check(study: StudyOption = "apples") -> None:
                    console=console)
 
 
+@app.command()
+def dashboard(
+    study: StudyOption = "apples",
+    storage: StorageOption = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: all).")] = "localhost",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
+) -> None:
+    """Serve optuna-dashboard on the study's storage, with the trials' artifacts."""
+    with user_errors():
+        from search.config import load_study
+        from search.dashboard import run_dashboard
+
+        config = load_study(study)
+        run_dashboard(config, config.storage_url(storage), host=host, port=port, console=console)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
+    study: StudyOption = "apples",
+    trial: Annotated[int | None, typer.Option(
+        min=0, help="Trial number to export (default: the best trial).")] = None,
+    storage: StorageOption = None,
+) -> None:
+    """Export a trial (the best by default) as a bundle: model.onnx, weights, model.json."""
+    with user_errors():
+        from search.config import load_study
+        from search.export import export_trial
+
+        config = load_study(study)
+        export_trial(config, config.storage_url(storage), out, trial_number=trial,
+                     console=console)
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `search export`.")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Images, data-set folders (<folder>/rgb/<class>/...) or CSV files.")],
+    depth: Annotated[list[Path] | None, typer.Option(
+        help="Depth image, once per input image, in order.")] = None,
+    numeric: Annotated[list[str] | None, typer.Option(
+        help='Numeric features "1.5,2,0", once per input image.')] = None,
+    numeric_json: Annotated[list[str] | None, typer.Option(
+        help='Numeric features as JSON, [1.5, 2] or {"name": 1.5}, once per input image.')] = None,
+    text: Annotated[list[str] | None, typer.Option(help="Text, once per input image.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the predictions to this CSV.")] = None,
+) -> None:
+    """Predict with an exported bundle alone (onnxruntime; no study, storage or PyTorch)."""
+    with user_errors():
+        from search.predict import ExtraInputs, run_predict
+
+        extra = ExtraInputs(depth=depth or [], numeric=numeric or [],
+                            numeric_json=numeric_json or [], text=text or [])
+        run_predict(bundle, inputs, extra=extra, out=out, console=console)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name=Path(sys.argv[0]).name)

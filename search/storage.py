@@ -2,26 +2,47 @@
 
 SQLite is the embedded default; PostgreSQL and MySQL/MariaDB let workers on many machines
 share one study. URLs are normalised to the drivers we ship (``psycopg`` and ``PyMySQL``),
-connections are pre-pinged so a restarted server is reconnected to transparently, and an
+connections are pre-pinged so a restarted server is reconnected to transparently, storage
+calls wait out a database that went away for a while (:class:`ResilientRDBStorage`), and an
 unreachable database becomes one :class:`~search.errors.StorageError` line.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DisconnectionError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from search.errors import StorageError
 
 _DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
             "mysql": "mysql+pymysql", "mariadb": "mysql+pymysql"}
+# Errors of a connection rather than of a statement: refused, dropped, timed out, locked.
+_TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+
+logger = logging.getLogger("search.storage")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,6 +52,23 @@ class HeartbeatConfig:
     interval_s: int = 10
     grace_s: int = 30
     max_retry: int = 3
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a storage call waits for a database that went away (a restart, a failover)."""
+
+    total_s: float = 60.0
+    first_wait_s: float = 0.25
+    max_wait_s: float = 5.0
+
+
+class StorageLostError(StorageError, StorageInternalError):
+    """The database stayed unreachable for a whole :class:`RetryPolicy`.
+
+    Both a :class:`~search.errors.StorageError` (the CLI prints one line, exit code 2) and
+    Optuna's ``StorageInternalError`` (what Optuna's own callers expect from a storage).
+    """
 
 
 def normalize_url(url: str) -> str:
@@ -45,7 +83,7 @@ def redact(url: str) -> str:
     """The URL with its password hidden, for messages."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return re.sub(r":[^:@/]+@", ":***@", url)
 
 
@@ -58,14 +96,162 @@ def engine_kwargs(url: str) -> dict:
     return {"pool_pre_ping": True, "pool_recycle": 300, "connect_args": connect}
 
 
-def get_storage(
-    url: str, *, heartbeat: HeartbeatConfig | None = None
-) -> optuna.storages.RDBStorage:
+def short_reason(error: BaseException) -> str:
+    """The first line of a driver error, without SQLAlchemy's background links."""
+    if isinstance(error, StorageInternalError) and error.__cause__ is not None:
+        error = error.__cause__  # Optuna's own message only says "during the commit"
+    text = str(getattr(error, "orig", None) or error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return re.sub(r"\s*\(Background on this error.*$", "", first)[:300]
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether waiting and trying again may help: the connection failed, not the statement."""
+    if isinstance(error, StorageLostError):
+        return False  # already waited for a whole retry policy
+    if isinstance(error, StorageInternalError) and error.__cause__ is not None:
+        error = error.__cause__  # RDBStorage wraps every SQLAlchemy error in its own
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, DBAPIError) and type(error.orig).__module__ == "sqlite3":
+        # SQLite has no connection to lose; only a lock held by another process passes.
+        return any(word in str(error.orig) for word in ("locked", "busy"))
+    return isinstance(error, _TRANSIENT)
+
+
+def call_with_retries(call: Callable[..., T], /, *args: Any, policy: RetryPolicy,
+                      what: str = "storage", **kwargs: Any) -> T:
+    """Run ``call``, retrying transient database errors with exponential back-off.
+
+    Raises:
+        StorageLostError: The database stayed unreachable for ``policy.total_s``.
+    """
+    deadline = time.monotonic() + policy.total_s
+    wait = policy.first_wait_s
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise StorageLostError(f"lost the connection to {what} for "
+                                       f"{policy.total_s:.0f} s: {short_reason(error)}") from error
+            logger.warning("%s unreachable (%s); retrying in %.1f s",
+                           what, short_reason(error), wait)
+            time.sleep(wait)
+            wait = min(wait * 2, policy.max_wait_s)
+
+
+def retrying(call: Callable[..., T], *args: Any, attempts: int = 6, first_wait_s: float = 0.5,
+             **kwargs: Any) -> T:
+    """Run one storage call, retrying transient database errors with exponential back-off.
+
+    Storages from :func:`get_storage` already retry each call for a whole
+    :class:`RetryPolicy`; this outer loop covers other storages and never retries a call
+    that already exhausted its policy (:class:`StorageLostError`).
+    """
+    wait = first_wait_s
+    for _ in range(attempts - 1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)
+    return call(*args, **kwargs)
+
+
+def _retried(method: Callable[..., T]) -> Callable[..., T]:
+    """Wrap an idempotent RDBStorage method so it waits out a database outage."""
+
+    @functools.wraps(method)
+    def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> T:
+        return call_with_retries(method, self, *args, policy=self.retry_policy,
+                                 what=self.description, **kwargs)
+
+    return wrapper
+
+
+class ResilientRDBStorage(RDBStorage):
+    """Optuna's RDBStorage whose calls wait out a database restart instead of failing a trial.
+
+    Reads and idempotent writes (attributes, intermediate values, parameters, states) are
+    retried with back-off, and pre-ping reconnects once the server is back. Creating a
+    study or a trial is not retried here: a retry after a lost acknowledgement would
+    create it twice (:func:`search.budget.top_up` recounts before it re-queues instead).
+
+    The heartbeat never raises: an exception would end Optuna's heartbeat thread for the
+    rest of the trial, and other workers would fail the trial as stale while it still trains.
+    """
+
+    def __init__(self, url: str, *, retry: RetryPolicy | None = None, **kwargs: Any) -> None:
+        self.retry_policy = retry or RetryPolicy()
+        self.description = redact(url)
+        super().__init__(url, **kwargs)
+
+    get_study_id_from_name = _retried(RDBStorage.get_study_id_from_name)
+    get_study_name_from_id = _retried(RDBStorage.get_study_name_from_id)
+    get_study_directions = _retried(RDBStorage.get_study_directions)
+    get_study_user_attrs = _retried(RDBStorage.get_study_user_attrs)
+    get_study_system_attrs = _retried(RDBStorage.get_study_system_attrs)
+    set_study_user_attr = _retried(RDBStorage.set_study_user_attr)
+    set_study_system_attr = _retried(RDBStorage.set_study_system_attr)
+    get_all_studies = _retried(RDBStorage.get_all_studies)
+    get_trial = _retried(RDBStorage.get_trial)
+    _get_trials = _retried(RDBStorage._get_trials)  # get_all_trials reads through it
+    get_trial_id_from_study_id_trial_number = _retried(
+        RDBStorage.get_trial_id_from_study_id_trial_number)
+    get_trial_param = _retried(RDBStorage.get_trial_param)
+    _get_best_trial_id = _retried(RDBStorage._get_best_trial_id)
+    _set_trial_param = _retried(RDBStorage._set_trial_param)
+    set_trial_intermediate_value = _retried(RDBStorage.set_trial_intermediate_value)
+    set_trial_user_attr = _retried(RDBStorage.set_trial_user_attr)
+    set_trial_system_attr = _retried(RDBStorage.set_trial_system_attr)
+    _get_stale_trial_ids = _retried(RDBStorage._get_stale_trial_ids)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Sequence[float] | None = None) -> bool:
+        """Finish (or start) a trial; a retry after a lost acknowledgement is not an error."""
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+            except UpdateFinishedTrialError:
+                # The first try may have committed before the connection dropped.
+                if attempts > 1 and self._has_state(trial_id, state, values):
+                    return True
+                raise
+
+        return call_with_retries(attempt, policy=self.retry_policy, what=self.description)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Beat once; a failure is logged, and the next beat comes one interval later."""
+        try:
+            RDBStorage.record_heartbeat(self, trial_id)
+        except Exception as error:  # the heartbeat thread must outlive any database error
+            logger.warning("heartbeat of trial id %d not recorded (%s); next try in %s s",
+                           trial_id, short_reason(error), self.heartbeat_interval)
+
+    def _has_state(self, trial_id: int, state: TrialState,
+                   values: Sequence[float] | None) -> bool:
+        trial = RDBStorage.get_trial(self, trial_id)
+        return trial.state == state and (values is None or trial.values == list(values))
+
+
+def get_storage(url: str, *, heartbeat: HeartbeatConfig | None = None,
+                retry: RetryPolicy | None = None) -> ResilientRDBStorage:
     """Open (and if needed create) the RDB storage at ``url``.
 
     Args:
         url: SQLAlchemy URL; ``postgresql://`` and ``mysql://`` get our drivers.
         heartbeat: Heartbeat settings; ``None`` uses :class:`HeartbeatConfig` defaults.
+        retry: How long calls wait for a database that went away; ``None`` uses
+            :class:`RetryPolicy` defaults.
 
     Raises:
         StorageError: The database cannot be reached or opened.
@@ -75,8 +261,9 @@ def get_storage(
     if full_url.startswith("sqlite:///"):
         _ensure_sqlite_folder(full_url)
     try:
-        return optuna.storages.RDBStorage(
+        return ResilientRDBStorage(
             full_url,
+            retry=retry,
             engine_kwargs=engine_kwargs(full_url),
             heartbeat_interval=heartbeat.interval_s,
             grace_period=heartbeat.grace_s,
@@ -84,28 +271,28 @@ def get_storage(
                 max_retry=heartbeat.max_retry, inherit_intermediate_values=True
             ),
         )
-    except (SQLAlchemyError, ArgumentError, ImportError, ValueError) as error:
+    except (SQLAlchemyError, StorageInternalError, ImportError, ValueError) as error:
         raise StorageError(f"cannot open storage {redact(url)}: {short_reason(error)}") from None
 
 
-def short_reason(error: BaseException) -> str:
-    """The first line of a driver error, without SQLAlchemy's background links."""
-    text = str(getattr(error, "orig", None) or error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
-    return re.sub(r"\s*\(Background on this error.*$", "", first)[:300]
-
-
 def check_reachable(url: str) -> None:
-    """Connect once and fail fast with one line when the database is unreachable."""
+    """Connect once and fail fast with one line when the database is unreachable.
+
+    Raises:
+        StorageError: Unknown scheme or driver, refused connection, wrong credentials or
+            missing database; the message names the URL (without its password).
+    """
     full_url = normalize_url(url)
     if full_url.startswith("sqlite"):
         return
     try:
         engine = sqlalchemy.create_engine(full_url, **engine_kwargs(full_url))
-        with engine.connect():
-            pass
-        engine.dispose()
-    except (SQLAlchemyError, ImportError) as error:
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, ImportError, ValueError) as error:
         raise StorageError(f"cannot reach storage {redact(url)}: {short_reason(error)}") from None
 
 
@@ -113,21 +300,3 @@ def _ensure_sqlite_folder(url: str) -> None:
     path = url.removeprefix("sqlite:///")
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-
-def retrying(call, *args, attempts: int = 6, first_wait_s: float = 0.5, **kwargs):
-    """Run one storage call, retrying transient database errors with exponential back-off.
-
-    A server restart or a dropped connection while a trial trains must not throw the
-    trial's work away; pre-ping reconnects, and this waits long enough for it to succeed.
-    """
-    wait = first_wait_s
-    for attempt in range(attempts):
-        try:
-            return call(*args, **kwargs)
-        except (optuna.exceptions.StorageInternalError, OperationalError, DisconnectionError):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(wait)
-            wait = min(wait * 2, 10.0)
-    return None

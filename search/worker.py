@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from search.artifacts import create_artifact_store
 from search.budget import StudyLock, budget_state, top_up
@@ -19,7 +20,7 @@ from search.config import StudyConfig
 from search.data import prepare_data
 from search.errors import UserError
 from search.objective import Objective, pick_device
-from search.storage import get_storage
+from search.storage import StorageLostError, check_reachable, get_storage
 
 POLL_S = 2.0
 logger = logging.getLogger("search.worker")
@@ -59,23 +60,38 @@ def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def load_study(config: StudyConfig, storage, worker_index: int = 0) -> optuna.Study:
-    """Load the study with this worker's sampler and the study's pruner."""
+def load_study(config: StudyConfig, storage_url: str, *, n_trials: int,
+               worker_index: int = 0) -> optuna.Study:
+    """Load the study with this worker's sampler and the study's pruner, creating it if needed.
+
+    Workers scaled by ``docker compose`` start together with no ``search run`` before them,
+    so the first one creates the study. Creation runs under the study lock: SQLite workers
+    would otherwise race on creating the tables, server workers on the study row.
+    """
+    check_reachable(storage_url)
+    lock = StudyLock(storage_url, config.name)
     try:
-        return optuna.load_study(study_name=config.name, storage=storage,
-                                 sampler=make_sampler(config, worker_index),
-                                 pruner=make_pruner(config))
-    except KeyError:
-        raise UserError(f"study {config.name!r} does not exist in the storage; "
-                        f"start it with `search run --study {config.source}`") from None
+        lock.acquire()
+        storage = get_storage(storage_url, heartbeat=config.heartbeat)
+        study = optuna.create_study(study_name=config.name, storage=storage,
+                                    direction="maximize", load_if_exists=True,
+                                    sampler=make_sampler(config, worker_index),
+                                    pruner=make_pruner(config))
+        if "n_trials" not in study.user_attrs:  # created here, not by `search run`
+            study.set_user_attr("n_trials", n_trials)
+            study.set_user_attr("study_file", str(config.source))
+            study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
+    finally:
+        lock.close()
+    return study
 
 
 def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     """Run trials until ``options.n_trials`` are complete or pruned; returns trials run here."""
     if options.threads:
         torch.set_num_threads(options.threads)
-    storage = get_storage(options.storage_url, heartbeat=config.heartbeat)
-    study = load_study(config, storage, options.worker_index)
+    study = load_study(config, options.storage_url, n_trials=options.n_trials,
+                       worker_index=options.worker_index)
     data = prepare_data(config)
     lock = StudyLock(options.storage_url, config.name)
     objective = Objective(data, artifact_store=create_artifact_store(config.artifacts_dir),
@@ -91,8 +107,13 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
                 optuna.storages.fail_stale_trials(study)
                 time.sleep(POLL_S)
                 continue
+            started: list[int] = []
             try:
-                study.optimize(objective, n_trials=1, catch=(Exception,))
+                study.optimize(_noting_trial(objective, started), n_trials=1,
+                               catch=(Exception,))
+            except Exception as error:
+                if isinstance(error, StorageLostError) or not _taken_over(study, started):
+                    raise
             finally:
                 lock.release()
             ran += 1
@@ -113,6 +134,33 @@ def _claim_slot(study: optuna.Study, lock: StudyLock, n_trials: int) -> bool:
     if state.spent or (state.waiting == 0 and top_up(study, n_trials) == 0):
         lock.release()
         return False
+    return True
+
+
+def _noting_trial(objective: Objective, started: list[int]):
+    """The objective, noting the number of the trial it runs into ``started``."""
+
+    def run(trial: optuna.Trial) -> float:
+        started.append(trial.number)
+        return objective(trial)
+
+    return run
+
+
+def _taken_over(study: optuna.Study, started: list[int]) -> bool:
+    """Whether the trial just run was failed as stale by another worker meanwhile.
+
+    A database outage longer than the heartbeat grace period lets another worker fail the
+    trial and queue its retry; this copy's result can then no longer be told (Optuna raises).
+    The retry resumes from the last epoch, so this worker logs it and goes on.
+    """
+    if not started:
+        return False
+    trial = study.get_trials(deepcopy=False)[started[-1]]
+    if trial.state != TrialState.FAIL or "fail_reason" in trial.user_attrs:
+        return False
+    logger.warning("trial %d was failed as stale by another worker during a database outage; "
+                   "its retry continues from the last epoch", trial.number)
     return True
 
 

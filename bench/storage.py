@@ -1,0 +1,274 @@
+"""Benchmark: storage overhead per trial on SQLite, PostgreSQL and MariaDB, with 1, 2, 4 workers.
+
+Each worker is its own process and runs the real worker loop of ``search worker`` (claim a
+slot under the study lock, ``study.optimize(n_trials=1)`` with heartbeats on the storage from
+``search.storage.get_storage``), but the objective is synthetic: training is a sleep, and
+around it the objective makes the storage calls a real trial makes -- three suggestions,
+``report`` + ``should_prune`` per epoch, eleven user attributes and three small artifacts.
+So the figures are storage time alone, not slowed by training competing for the CPU.
+
+Every run uses a fresh database (``fs_bench_<random>``) that is dropped afterwards.
+
+    .venv/bin/python -m bench.storage                  # about 6 minutes
+    .venv/bin/python -m bench.storage --backends postgresql --workers 1,8 --trials 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+# This folder holds a file named storage.py: import the project's packages, not our scripts.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
+
+import optuna  # noqa: E402
+import sqlalchemy  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from search.budget import StudyLock, budget_state, top_up  # noqa: E402
+from search.storage import HeartbeatConfig, get_storage, normalize_url  # noqa: E402
+
+# Heartbeats and the retry callback are flagged experimental; search relies on them on purpose.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+ADMIN_URLS = {"postgresql": "postgresql://postgres@127.0.0.1:5432/postgres",
+              "mariadb": "mysql://root@127.0.0.1:3306/mysql"}
+ARTIFACT_BYTES = {"checkpoint.pt": 200_000, "confusion_matrix.png": 20_000, "metrics.json": 2_000}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One benchmark configuration, passed to every worker process."""
+
+    url: str
+    n_trials: int
+    epochs: int
+    epoch_s: float
+    heartbeat_s: int
+    artifacts_dir: str
+
+
+@dataclass(frozen=True)
+class TrialTiming:
+    """Where one trial's wall time went (seconds)."""
+
+    claim_s: float  # study lock + budget count (+ queueing)
+    ask_tell_s: float  # ask (stale check, pop) + tell (state, values, best)
+    in_trial_s: float  # reports, attributes, artifacts: what timing.storage_s + artifacts_s hold
+    total_s: float
+
+
+class SyntheticObjective:
+    """The storage calls of :class:`search.objective.Objective`, with a sleep for training."""
+
+    def __init__(self, settings: Settings, lock: StudyLock) -> None:
+        self.settings = settings
+        self.lock = lock
+        self.store = optuna.artifacts.FileSystemArtifactStore(settings.artifacts_dir)
+        self.files = _artifact_files(Path(settings.artifacts_dir).parent)
+        self.storage_s = 0.0
+        self.run_s = 0.0
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.lock.release()  # the real objective releases the study lock once ask() is done
+        started = time.perf_counter()
+        self.storage_s = 0.0
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_float("dropout", 0.0, 0.5)
+        trial.suggest_categorical("optimizer", ["adam", "adamw", "sgd"])
+        self._timed(trial.set_user_attr, "origin_trial", trial.number)
+        self._attrs(trial, {"n_params": 4_010_000, "device": "cpu", "worker_pid": os.getpid(),
+                            "model_spec": {"backbone": "b0", "fusion": "none", "dropout": 0.1}})
+        f1 = 0.0
+        for epoch in range(self.settings.epochs):
+            time.sleep(self.settings.epoch_s)  # stands in for one epoch of training
+            f1 = min(1.0, f1 + lr)
+            self._timed(trial.report, f1, epoch)
+            self._timed(trial.should_prune)  # NopPruner: no trial is cut short
+        self._attrs(trial, {"per_class_f1": {"a": f1, "b": f1, "c": f1}, "accuracy": f1,
+                            "images_per_s": 100.0, "seconds_per_epoch": self.settings.epoch_s,
+                            "best_epoch": self.settings.epochs - 1,
+                            "epochs_run": self.settings.epochs})
+        for path in self.files:
+            self._timed(optuna.artifacts.upload_artifact, artifact_store=self.store,
+                        file_path=str(path), study_or_trial=trial)
+        self._timed(trial.set_user_attr, "timing", {"storage_s": self.storage_s})
+        self.run_s = time.perf_counter() - started
+        return f1
+
+    def _attrs(self, trial: optuna.Trial, attrs: dict) -> None:
+        for key, value in attrs.items():
+            self._timed(trial.set_user_attr, key, value)
+
+    def _timed(self, call, *args, **kwargs) -> None:
+        tick = time.perf_counter()
+        call(*args, **kwargs)
+        self.storage_s += time.perf_counter() - tick
+
+
+def _artifact_files(folder: Path) -> list[Path]:
+    files = []
+    for name, size in ARTIFACT_BYTES.items():
+        path = folder / f"{os.getpid()}-{name}"
+        path.write_bytes(os.urandom(size))
+        files.append(path)
+    return files
+
+
+def run_worker(settings: Settings, index: int, results: multiprocessing.Queue) -> None:
+    """The loop of :func:`search.worker.run_worker`, timing every trial it runs."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = get_storage(settings.url, heartbeat=HeartbeatConfig(
+        settings.heartbeat_s, 3 * settings.heartbeat_s))
+    study = optuna.load_study(study_name="bench", storage=storage,
+                              sampler=optuna.samplers.TPESampler(seed=index, n_startup_trials=4),
+                              pruner=optuna.pruners.NopPruner())
+    lock = StudyLock(settings.url, "bench")
+    objective = SyntheticObjective(settings, lock)
+    timings = []
+    while True:
+        started = time.perf_counter()
+        lock.acquire()
+        state = budget_state(study, settings.n_trials)
+        if state.spent or (state.waiting == 0 and top_up(study, settings.n_trials) == 0):
+            lock.release()
+            if budget_state(study, settings.n_trials).spent:
+                break
+            time.sleep(0.1)  # the last slots run elsewhere
+            continue
+        claimed = time.perf_counter()
+        study.optimize(objective, n_trials=1)
+        done = time.perf_counter()
+        timings.append(TrialTiming(
+            claim_s=claimed - started, ask_tell_s=(done - claimed) - objective.run_s,
+            in_trial_s=objective.storage_s, total_s=done - started))
+    lock.close()
+    storage.engine.dispose()
+    results.put(timings)
+
+
+def bench(settings: Settings, workers: int) -> list[TrialTiming]:
+    """Create the study, run ``workers`` processes on it, return every trial's timing."""
+    study = optuna.create_study(study_name="bench", storage=get_storage(settings.url),
+                                direction="maximize")
+    study._storage._backend.engine.dispose()
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=run_worker, args=(settings, i, results))
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    timings = [t for _ in processes for t in results.get(timeout=600)]
+    for process in processes:
+        process.join()
+        if process.exitcode != 0:
+            raise SystemExit(f"a benchmark worker failed (exit code {process.exitcode})")
+    return timings
+
+
+class Database:
+    """A throw-away database: a file for SQLite, ``fs_bench_<random>`` on a server."""
+
+    def __init__(self, backend: str, admin_url: str | None, folder: Path) -> None:
+        self.backend = backend
+        self.name = f"fs_bench_{secrets.token_hex(5)}"
+        self.folder = folder
+        self.admin = (None if backend == "sqlite" else sqlalchemy.create_engine(
+            normalize_url(admin_url or ADMIN_URLS[backend]), isolation_level="AUTOCOMMIT"))
+
+    def __enter__(self) -> str:
+        if self.admin is None:
+            return f"sqlite:///{self.folder / (self.name + '.db')}"
+        with self.admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f"CREATE DATABASE {self.name}"))
+        return make_url(self.admin.url).set(database=self.name).render_as_string(
+            hide_password=False)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.admin is None:
+            return
+        with self.admin.connect() as connection:
+            force = " WITH (FORCE)" if self.backend == "postgresql" else ""
+            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {self.name}{force}"))
+        self.admin.dispose()
+
+
+def summarize(backend: str, workers: int, timings: list[TrialTiming]) -> list[str]:
+    """One table row: mean milliseconds per trial, and storage's share of the trial time.
+
+    Means, not medians: a worker's first trial (connecting, creating the schema cache) and
+    waits for the study lock are part of what storage costs. The median is shown too.
+    """
+    def ms(values: list[float]) -> str:
+        return f"{1000 * statistics.mean(values):.1f}"
+
+    storage = [t.claim_s + t.ask_tell_s + t.in_trial_s for t in timings]
+    total = [t.total_s for t in timings]
+    return [backend, str(workers), str(len(timings)), ms([t.claim_s for t in timings]),
+            ms([t.ask_tell_s for t in timings]), ms([t.in_trial_s for t in timings]),
+            ms(storage), f"{1000 * statistics.median(storage):.1f}",
+            f"{statistics.mean(total):.2f}", f"{100 * sum(storage) / sum(total):.1f}%"]
+
+
+HEADER = ["backend", "workers", "trials", "claim ms", "ask+tell ms", "in-trial ms",
+          "storage ms/trial", "median ms", "trial s", "storage share"]
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """A Markdown table, ready to paste into bench/README.md."""
+    widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
+    for row in [HEADER, ["-" * w for w in widths], *rows]:
+        print("| " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+              + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="sqlite,postgresql,mariadb")
+    parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
+    parser.add_argument("--trials", type=int, default=12, help="trial budget per run")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epoch-s", type=float, default=1.0,
+                        help="seconds each synthetic epoch sleeps instead of training")
+    parser.add_argument("--heartbeat-s", type=int, default=10,
+                        help="heartbeat interval (the study-file default)")
+    parser.add_argument("--postgres", help=f"admin URL (default {ADMIN_URLS['postgresql']})")
+    parser.add_argument("--mysql", help=f"admin URL (default {ADMIN_URLS['mariadb']})")
+    args = parser.parse_args()
+    logging.getLogger("search.storage").setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    sizes = ", ".join(f"{name} {size // 1000} kB" for name, size in ARTIFACT_BYTES.items())
+    print(f"synthetic objective (no training): {args.epochs} epochs x {args.epoch_s} s sleep; "
+          f"per trial 3 suggestions, {args.epochs} x (report + should_prune), 11 user "
+          f"attributes, 3 artifacts ({sizes}); "
+          f"heartbeat every {args.heartbeat_s} s; {args.trials} trials per run; "
+          f"{os.cpu_count()} CPUs; means per trial")
+    rows = []
+    admin = {"postgresql": args.postgres, "mariadb": args.mysql}
+    for backend in args.backends.split(","):
+        for workers in (int(w) for w in args.workers.split(",")):
+            with tempfile.TemporaryDirectory() as tmp, \
+                    Database(backend, admin.get(backend), Path(tmp)) as url:
+                (Path(tmp) / "artifacts").mkdir()
+                settings = Settings(url, args.trials, args.epochs, args.epoch_s,
+                                    args.heartbeat_s, str(Path(tmp) / "artifacts"))
+                rows.append(summarize(backend, workers, bench(settings, workers)))
+                print("  done:", " ".join(rows[-1]), flush=True)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

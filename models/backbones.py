@@ -1,0 +1,231 @@
+"""EfficientNet backbones b0..b7 with the classifier removed.
+
+This is the only module that imports an EfficientNet implementation. Two are registered:
+
+* ``"efficientnet-pytorch"`` (default): ``EfficientNet.from_name`` from lukemelas'
+  efficientnet-pytorch, with TensorFlow-style "same" padding computed statically for the
+  spec's resolution (static padding is what makes it exportable to ONNX).
+* ``"torchvision"``: ``torchvision.models.efficientnet_b0`` .. ``b7``; same architecture and
+  parameter count, symmetric padding and a fused SiLU, which trains faster on CPU.
+
+Pre-trained weights are the implementation's own state dict (the caller reads the file); the
+classifier entries are ignored and the stem is adapted when the input has other than 3 channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from efficientnet_pytorch import EfficientNet
+from torch import nn
+from torchvision import models as tv_models
+
+__all__ = [
+    "Backbone",
+    "adapt_input_conv",
+    "create_backbone",
+    "list_backbones",
+    "list_implementations",
+    "register_implementation",
+]
+
+_BACKBONES = tuple(f"b{i}" for i in range(8))
+
+
+class Backbone(nn.Module):
+    """An EfficientNet trunk mapping images ``[B, C, H, W]`` to pooled features ``[B, F]``.
+
+    Subclasses wrap one implementation's network as ``self.net`` (its own module names, so
+    its own state dicts load as they are) and say where its stem and classifier live.
+
+    Attributes:
+        name: Backbone size, ``"b0"`` .. ``"b7"``.
+        in_chans: Number of input channels of the stem.
+        num_features: Width of the pooled feature vector.
+    """
+
+    implementation: str = ""
+    stem_key: str = ""
+    classifier_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, net: nn.Module, *, name: str, in_chans: int, num_features: int) -> None:
+        super().__init__()
+        self.net = net
+        self.name = name
+        self.in_chans = in_chans
+        self.num_features = num_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the last feature map ``[B, F, h, w]``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A mean over the spatial axes is global average pooling; it exports as one ReduceMean
+        # and keeps channels_last inputs fast.
+        return self.forward_features(x).mean(dim=(2, 3))
+
+    @property
+    def stem(self) -> nn.Conv2d:
+        """The first convolution, the one that sees the input channels."""
+        return self.net.get_submodule(self.stem_key)
+
+    def set_swish(self, memory_efficient: bool) -> None:
+        """Choose the Swish implementation; only efficientnet-pytorch has a choice."""
+
+    def load_pretrained(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load the implementation's own ImageNet state dict, minus its classifier.
+
+        Args:
+            state_dict: e.g. ``torch.load("efficientnet-b0-355c32eb.pth")``.
+
+        Raises:
+            ValueError: The weights are for another implementation or another size.
+        """
+        state = {k: v for k, v in state_dict.items() if not k.startswith(self.classifier_prefixes)}
+        key = f"{self.stem_key}.weight"
+        if key not in state:
+            raise ValueError(
+                f"pre-trained weights have no {key!r}: not a {type(self).implementation} "
+                f"EfficientNet state dict"
+            )
+        state[key] = adapt_input_conv(state[key], self.in_chans)
+        try:
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatch, e.g. b1 weights for a b0
+            raise ValueError(
+                f"pre-trained weights do not fit EfficientNet-{self.name}: {err}"
+            ) from err
+        if missing or unexpected:
+            raise ValueError(
+                f"pre-trained weights do not fit EfficientNet-{self.name}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+
+
+class _LukemelasBackbone(Backbone):
+    implementation = "efficientnet-pytorch"
+    stem_key = "_conv_stem"
+    classifier_prefixes = ("_fc.",)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+    def set_swish(self, memory_efficient: bool) -> None:
+        # The memory-efficient Swish is a custom autograd.Function; export wants plain ops.
+        self.net.set_swish(memory_efficient=memory_efficient)
+
+
+class _TorchvisionBackbone(Backbone):
+    implementation = "torchvision"
+    stem_key = "features.0.0"
+    classifier_prefixes = ("classifier.",)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+_Builder = Callable[[str, int, int], Backbone]
+_IMPLEMENTATIONS: dict[str, _Builder] = {}
+
+
+def register_implementation(name: str) -> Callable[[_Builder], _Builder]:
+    """Register ``builder(size, in_chans, image_size) -> Backbone`` under ``name``."""
+
+    def decorator(builder: _Builder) -> _Builder:
+        _IMPLEMENTATIONS[name] = builder
+        return builder
+
+    return decorator
+
+
+@register_implementation("efficientnet-pytorch")
+def _build_lukemelas(size: str, in_chans: int, image_size: int) -> Backbone:
+    # include_top=False drops the dropout and the 1000-class layer; image_size fixes the static
+    # "same" padding of every conv for the resolution actually trained on.
+    net = EfficientNet.from_name(
+        f"efficientnet-{size}", in_channels=in_chans, image_size=image_size, include_top=False
+    )
+    num_features = net._bn1.num_features
+    return _LukemelasBackbone(net, name=size, in_chans=in_chans, num_features=num_features)
+
+
+@register_implementation("torchvision")
+def _build_torchvision(size: str, in_chans: int, image_size: int) -> Backbone:
+    net = getattr(tv_models, f"efficientnet_{size}")(weights=None)
+    num_features = net.classifier[1].in_features
+    net.classifier = nn.Identity()  # pooled features are the output; heads belong to fusions
+    if in_chans != 3:
+        old = net.features[0][0]
+        stem = nn.Conv2d(in_chans, old.out_channels, 3, stride=2, padding=1, bias=False)
+        nn.init.kaiming_normal_(stem.weight, mode="fan_out")  # torchvision's own conv init
+        net.features[0][0] = stem
+    return _TorchvisionBackbone(net, name=size, in_chans=in_chans, num_features=num_features)
+
+
+def list_backbones() -> list[str]:
+    """Return the backbone sizes, ``["b0", ..., "b7"]``."""
+    return list(_BACKBONES)
+
+
+def list_implementations() -> list[str]:
+    """Return the registered EfficientNet implementations, the default first."""
+    return list(_IMPLEMENTATIONS)
+
+
+def create_backbone(
+    name: str,
+    *,
+    implementation: str = "efficientnet-pytorch",
+    in_chans: int = 3,
+    image_size: int = 224,
+    pretrained: Mapping[str, torch.Tensor] | None = None,
+) -> Backbone:
+    """Build an EfficientNet trunk without classifier.
+
+    Args:
+        name: ``"b0"`` .. ``"b7"``.
+        implementation: One of :func:`list_implementations`.
+        in_chans: Input channels; the stem is rebuilt for anything but 3.
+        image_size: Training resolution (sets efficientnet-pytorch's static padding).
+        pretrained: The implementation's own state dict, or None for random weights.
+
+    Raises:
+        ValueError: Unknown name or implementation, or weights that do not fit.
+    """
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {list_backbones()}")
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown implementation {implementation!r}; choose from {list_implementations()}"
+        )
+    backbone = _IMPLEMENTATIONS[implementation](name, in_chans, image_size)
+    if pretrained is not None:
+        backbone.load_pretrained(pretrained)
+    return backbone
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Adapt an RGB stem kernel ``[O, 3, k, k]`` to ``in_chans`` input channels.
+
+    * 3: unchanged.
+    * 1 (a depth branch): the sum over RGB, as timm does, so a grey image gives the
+      response the RGB stem gave to that image repeated over three channels.
+    * more than 3 (early fusion): the RGB kernels are kept as they are, so the pre-trained
+      RGB path is intact, and every extra channel starts from the mean of the RGB kernels.
+      (timm's ``adapt_input_conv`` instead tiles the RGB kernels and scales all by
+      ``3 / in_chans``, which changes the RGB path.)
+
+    Raises:
+        ValueError: The kernel is not an RGB conv kernel, or ``in_chans`` is 2.
+    """
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise ValueError(f"expected an RGB stem kernel [O, 3, k, k], got {list(weight.shape)}")
+    if in_chans == 3:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    if in_chans < 3:
+        raise ValueError(f"cannot adapt an RGB stem to {in_chans} input channels")
+    extra = weight.mean(dim=1, keepdim=True).expand(-1, in_chans - 3, -1, -1)
+    return torch.cat([weight, extra], dim=1)

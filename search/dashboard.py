@@ -1,0 +1,116 @@
+"""``search dashboard``: optuna-dashboard on the study's storage, with the trials' artifacts.
+
+optuna-dashboard runs as it ships (``optuna_dashboard.run_server``); this module only makes
+sure it is pointed at a study that exists, and at the artifact store the workers wrote the
+confusion matrices and checkpoints into, so they show in each trial's artifact view.
+
+:func:`open_existing_study` and :func:`study_artifacts_dir` are shared with ``search export``:
+both read a finished study and must never create an empty one by accident.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import optuna
+from rich.console import Console
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from search.config import StudyConfig
+from search.errors import StorageError, UserError
+from search.status import open_study
+from search.storage import normalize_url, redact
+
+
+def require_existing_storage(storage_url: str, config: StudyConfig) -> None:
+    """Fail unless the storage can hold the study already, i.e. is not about to be created.
+
+    SQLAlchemy creates a missing SQLite file on connect, which would show an empty dashboard
+    (or a confusing "study not found") for a mistyped path; we refuse instead.
+
+    Raises:
+        StorageError: The SQLite file does not exist, or the URL is in-memory SQLite.
+    """
+    url = normalize_url(storage_url)
+    if not url.startswith("sqlite"):
+        return  # server databases: open_study checks they answer
+    try:
+        database = make_url(url).database
+    except ArgumentError as error:
+        raise StorageError(f"storage URL {redact(storage_url)} is invalid: {error}") from None
+    if not database or database == ":memory:":
+        raise StorageError(f"storage {storage_url} is an in-memory SQLite database; "
+                           "it holds no study once `search run` has exited")
+    if not Path(database).is_file():
+        raise StorageError(f"no SQLite database at {database}: run `search run --study "
+                           f"{config.source}` first, or pass --storage")
+
+
+def open_existing_study(config: StudyConfig, storage_url: str) -> optuna.Study:
+    """Load the study of ``config``; a missing database or study is a one-line error."""
+    require_existing_storage(storage_url, config)
+    return open_study(config, storage_url)
+
+
+def study_artifacts_dir(config: StudyConfig, study: optuna.Study) -> Path:
+    """The artifact store's folder: the study file's, else the one ``search run`` recorded.
+
+    ``artifacts_dir`` in the study file is relative to where ``search`` runs; the study
+    remembers the absolute folder, which finds the artifacts from any other directory.
+    """
+    if config.artifacts_dir.is_dir():
+        return config.artifacts_dir
+    recorded = study.user_attrs.get("artifacts_dir")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    return config.artifacts_dir
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind once so that a busy port or an unknown host is an error before anything prints."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def run_dashboard(config: StudyConfig, storage_url: str, *, host: str, port: int,
+                  console: Console) -> None:
+    """Serve optuna-dashboard for the study until interrupted.
+
+    Args:
+        config: The study file; names the study and the artifact store.
+        storage_url: The study's storage (``--storage``, ``SEARCH_STORAGE`` or the file's).
+        host: Interface to listen on (``localhost``; ``0.0.0.0`` for every interface).
+        port: TCP port.
+        console: Where the URL is printed.
+
+    Raises:
+        StorageError: The storage is missing or unreachable.
+        UserError: The study does not exist, or the port cannot be used.
+    """
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import run_server
+
+    study = open_existing_study(config, storage_url)
+    artifacts = study_artifacts_dir(config, study)
+    check_port_free(host, port)
+    study_id = study._storage.get_study_id_from_name(study.study_name)
+    console.print(f"dashboard for study {study.study_name!r} ({len(study.trials)} trials, "
+                  f"storage {redact(storage_url)})")
+    if not artifacts.is_dir():
+        console.print(f"note: artifact folder {artifacts} does not exist; "
+                      "trial artifacts will not show")
+    else:
+        console.print(f"artifacts: {artifacts}")
+    console.print(f"open http://{host}:{port}/dashboard/studies/{study_id}  (Ctrl-C to stop)",
+                  markup=False, highlight=False, soft_wrap=True)
+    try:
+        run_server(study._storage, host=host, port=port,
+                   artifact_store=FileSystemArtifactStore(str(artifacts)))
+    except OSError as error:  # e.g. the port was taken between the check and the bind
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None

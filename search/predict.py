@@ -1,0 +1,443 @@
+"""``search predict``: inference from an export bundle alone (``model.json`` + ``model.onnx``).
+
+No study, storage, data set or PyTorch is needed: only numpy, Pillow, onnxruntime and
+scikit-learn, so a bundle runs wherever those install. Every input is prepared the way
+``model.json``'s ``preprocess`` describes (resize, scale, mean/std, tokenizer rule), which
+is all any other onnxruntime client of the bundle has to do to get the same predictions.
+
+Inputs are images (with ``--depth``/``--numeric``/``--text`` once per image when the model
+takes them), folders in the data-set layout (``<folder>/rgb/<class>/<id>.png`` or
+``<folder>/<split>/rgb/...``, other modalities beside ``rgb/``) or CSV files (columns
+``image, label, depth, num_*, text``, paths relative to the CSV's folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps
+from rich.console import Console
+from sklearn.metrics import accuracy_score, f1_score
+
+from search.errors import BundleError
+
+# The same names as search.export's, which cannot be imported here: it needs PyTorch.
+META_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SPLITS = ("train", "val", "test")
+BATCH_SIZE = 32
+_WORD = re.compile(r"[a-z0-9]+")
+_NEEDED = ("labels", "inputs", "preprocess.resolution", "preprocess.rgb.mean",
+           "preprocess.rgb.std", "preprocess.rgb.scale")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded bundle: its ``model.json`` and an onnxruntime session on ``model.onnx``."""
+
+    folder: Path
+    meta: dict
+    session: ort.InferenceSession
+
+    @property
+    def classes(self) -> list[str]:
+        labels = self.meta["labels"]
+        return [labels[str(i)] for i in range(len(labels))]
+
+    @property
+    def modalities(self) -> list[str]:
+        return [entry["modality"] for entry in self.meta["inputs"]]
+
+    @property
+    def preprocess(self) -> dict:
+        return self.meta["preprocess"]
+
+
+@dataclass
+class Sample:
+    """One sample to predict: its files and values, and its true class when known."""
+
+    name: str
+    rgb: Path
+    depth: Path | None = None
+    numeric: list[float] | None = None
+    text: str | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class ExtraInputs:
+    """The second modality for images given directly, one value per image, in order."""
+
+    depth: list[Path] = field(default_factory=list)
+    numeric: list[str] = field(default_factory=list)
+    numeric_json: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Predictions:
+    """Class probabilities per sample, with the bundle's class names."""
+
+    samples: list[Sample]
+    probabilities: np.ndarray
+    classes: list[str]
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.classes[i] for i in self.probabilities.argmax(axis=1)]
+
+    def scores(self) -> tuple[float, float, int] | None:
+        """Macro F1, accuracy and count over the labelled samples (None when there are none).
+
+        Macro F1 averages over every class of the model (absent ones count 0), as the
+        search and export score their splits.
+        """
+        pairs = [(s.label, p) for s, p in zip(self.samples, self.labels, strict=True) if s.label]
+        if not pairs:
+            return None
+        truth, predicted = zip(*pairs, strict=True)
+        classes = self.classes + sorted(set(truth) - set(self.classes))
+        f1 = f1_score(truth, predicted, labels=classes, average="macro", zero_division=0)
+        return float(f1), float(accuracy_score(truth, predicted)), len(pairs)
+
+
+def load_bundle(folder: Path) -> Bundle:
+    """Read ``model.json`` and open ``model.onnx``; anything wrong is one BundleError line."""
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: not a folder; give the folder `search export --out` wrote")
+    meta_path = folder / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{meta_path}: missing; {folder} is not an export bundle") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BundleError(f"{meta_path}: cannot read it ({error})") from None
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{meta_path}: not valid JSON (line {error.lineno}: {error.msg})"
+                          ) from None
+    check_meta(meta, meta_path)
+    onnx_path = folder / ONNX_FILE
+    if not onnx_path.is_file():
+        raise BundleError(f"{onnx_path}: missing; the bundle is incomplete")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    try:
+        session = ort.InferenceSession(str(onnx_path), options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0][:200]
+        raise BundleError(f"{onnx_path}: onnxruntime cannot load it ({reason})") from None
+    graph = sorted(arg.name for arg in session.get_inputs())
+    declared = sorted(entry["name"] for entry in meta["inputs"])
+    if graph != declared:
+        raise BundleError(f"{meta_path}: inputs {declared} do not match {ONNX_FILE}'s {graph}")
+    return Bundle(folder, meta, session)
+
+
+def check_meta(meta: object, path: Path) -> None:
+    """The keys predict relies on, each missing one named with its dotted path."""
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    modalities = [e.get("modality") for e in meta.get("inputs", []) if isinstance(e, dict)]
+    needed = list(_NEEDED)
+    needed += [f"preprocess.{m}.{k}" for m in ("depth", "numeric") if m in modalities
+               for k in ("mean", "std")]
+    needed += ["preprocess.text.buckets", "preprocess.text.length"] if "text" in modalities else []
+    for dotted in needed:
+        value = meta
+        for key in dotted.split("."):
+            if not isinstance(value, dict) or key not in value or value[key] is None:
+                raise BundleError(f"{path}: missing key {dotted}")
+            value = value[key]
+    labels, inputs = meta["labels"], meta["inputs"]
+    if not isinstance(labels, dict) or sorted(labels) != sorted(map(str, range(len(labels)))):
+        raise BundleError(f"{path}: labels must map 0..N-1 to class names")
+    if not isinstance(inputs, list) or not inputs or any(
+            not isinstance(e, dict) or {"name", "modality", "dtype"} - set(e) for e in inputs):
+        raise BundleError(f"{path}: inputs must list {{name, modality, shape, dtype}} entries")
+    unknown = set(modalities) - {"rgb", "depth", "numeric", "text"}
+    if unknown:
+        raise BundleError(f"{path}: unknown input modality {sorted(unknown)[0]!r}")
+
+
+def tokenize(texts: list[str], buckets: int, length: int) -> np.ndarray:
+    """``model.json``'s tokenizer rule: lowercase ``[a-z0-9]+`` words, crc32 buckets, 0-padded.
+
+    The same rule as ``models.tokenize``, restated here because ``models`` needs PyTorch.
+    """
+    ids = np.zeros((len(texts), length), dtype=np.int64)
+    for row, text in enumerate(texts):
+        words = _WORD.findall(text.lower())[:length]
+        ids[row, : len(words)] = [zlib.crc32(w.encode("utf-8")) % (buckets - 1) + 1 for w in words]
+    return ids
+
+
+def load_pixels(path: Path, mode: str, resolution: int) -> np.ndarray:
+    """Decode and resize one image to uint8 ``[resolution, resolution, C]`` (as training did)."""
+    try:
+        with Image.open(path) as image:
+            image.draft(mode, (resolution, resolution))  # JPEG: decode at a reduced scale
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I"):  # 16/32-bit depth: keep the top 8 bits
+                image = image.convert("I").point(lambda v: v * (1 / 256))
+            image = image.convert(mode).resize((resolution, resolution),
+                                               Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8).reshape(resolution, resolution, -1)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no such image") from None
+    except Exception as error:  # PIL raises many types for bad files; all mean "unreadable"
+        raise BundleError(f"{path}: not a readable image ({type(error).__name__})") from None
+
+
+def numeric_vector(value: object, bundle: Bundle, where: str) -> list[float]:
+    """A list, or an object keyed by the bundle's feature names, as the model's feature order."""
+    names = bundle.preprocess["numeric"].get("names") or []
+    count = len(bundle.preprocess["numeric"]["mean"])
+    if isinstance(value, dict):
+        missing = [name for name in names if name not in value]
+        if missing or not names:
+            raise BundleError(f"{where}: numeric features need the keys {names} "
+                              f"(missing {missing or list(value)})")
+        value = [value[name] for name in names]
+    if not isinstance(value, list) or len(value) != count:
+        got = len(value) if isinstance(value, list) else type(value).__name__
+        raise BundleError(f"{where}: expected {count} numeric values "
+                          f"({', '.join(names)}), got {got}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+               for v in value):
+        raise BundleError(f"{where}: numeric values must be finite numbers, got {value}")
+    return [float(v) for v in value]
+
+
+def parse_numeric(text: str, *, as_json: bool) -> object:
+    """``--numeric "1,2,3"`` or ``--numeric-json '[1, 2, 3]'`` / ``'{"a": 1}'``."""
+    flag = "--numeric-json" if as_json else "--numeric"
+    try:
+        if as_json:
+            return json.loads(text)
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        kind = "JSON" if as_json else "comma-separated numbers"
+        raise BundleError(f"{flag} {text!r}: not {kind}") from None
+
+
+def image_samples(paths: list[Path], extra: ExtraInputs, bundle: Bundle) -> list[Sample]:
+    """Images given directly, paired in order with ``--depth``/``--numeric``/``--text``."""
+    if extra.numeric and extra.numeric_json:
+        raise BundleError("give --numeric or --numeric-json, not both")
+    numeric = ([parse_numeric(t, as_json=False) for t in extra.numeric]
+               or [parse_numeric(t, as_json=True) for t in extra.numeric_json])
+    flag = "--numeric-json" if extra.numeric_json else "--numeric"
+    given = {"depth": ("--depth", extra.depth), "numeric": (flag, numeric),
+             "text": ("--text", extra.text)}
+    for modality, (option, values) in given.items():
+        if modality not in bundle.modalities and values:
+            raise BundleError(f"the model takes no {modality} input (its inputs: "
+                              f"{', '.join(bundle.modalities)}); drop {option}")
+        if modality in bundle.modalities and len(values) != len(paths):
+            raise BundleError(f"the model needs {modality} for every input image: give "
+                              f"{option} once per image ({len(values)} given for "
+                              f"{len(paths)} image(s))")
+    samples = []
+    for i, path in enumerate(paths):
+        sample = Sample(name=str(path), rgb=path)
+        if "depth" in bundle.modalities:
+            sample.depth = extra.depth[i]
+        if "numeric" in bundle.modalities:
+            sample.numeric = numeric_vector(numeric[i], bundle, f"{flag} for {path}")
+        if "text" in bundle.modalities:
+            sample.text = extra.text[i]
+        samples.append(sample)
+    return samples
+
+
+def folder_samples(folder: Path, bundle: Bundle) -> list[Sample]:
+    """Samples of a data-set folder; the class folder names are the true labels."""
+    bases = ([folder] if (folder / "rgb").is_dir()
+             else [folder / s for s in SPLITS if (folder / s / "rgb").is_dir()])
+    if not bases:
+        raise BundleError(f"{folder}: not a data-set folder: expected {folder}/rgb/<class>/"
+                          f"<id>.png or {folder}/<split>/rgb/<class>/<id>.png")
+    samples = []
+    for base in bases:
+        for class_dir in sorted(p for p in (base / "rgb").iterdir() if p.is_dir()):
+            for rgb in sorted(class_dir.iterdir()):
+                if rgb.suffix.lower() in IMAGE_SUFFIXES and not rgb.name.startswith("."):
+                    samples.append(_folder_sample(base, class_dir.name, rgb, bundle))
+    return samples
+
+
+def _folder_sample(base: Path, label: str, rgb: Path, bundle: Bundle) -> Sample:
+    sample = Sample(name=str(rgb), rgb=rgb, label=label)
+    if "depth" in bundle.modalities:
+        sample.depth = base / "depth" / label / f"{rgb.stem}.png"
+        if not sample.depth.is_file():
+            raise BundleError(f"{rgb}: no depth image at {sample.depth}; the model needs depth")
+    wanted = [m for m in ("numeric", "text") if m in bundle.modalities]
+    if wanted:
+        path = base / "labels" / label / f"{rgb.stem}.json"
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise BundleError(f"{rgb}: no readable labels file at {path}; the model needs "
+                              f"{' and '.join(wanted)}") from None
+        if not isinstance(payload, dict) or any(m not in payload for m in wanted):
+            raise BundleError(f"{path}: needs the keys {', '.join(wanted)}")
+        if "numeric" in wanted:
+            sample.numeric = numeric_vector(payload["numeric"], bundle, str(path))
+        if "text" in wanted:
+            sample.text = str(payload["text"])
+    return sample
+
+
+def csv_samples(path: Path, bundle: Bundle) -> list[Sample]:
+    """Samples of a CSV file (``image, label, depth, num_*, text``; paths relative to it)."""
+    root, modalities = path.parent, bundle.modalities
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or [])
+            numeric_columns = [c for c in header if c.startswith("num_")]
+            needed = ["image"] + [m for m in ("depth", "text") if m in modalities]
+            missing = [c for c in needed if c not in header]
+            if "numeric" in modalities and not numeric_columns:
+                missing.append("num_*")
+            if missing:
+                raise BundleError(f"{path}: no {', '.join(missing)} column, which the model needs")
+            return [_csv_sample(root, record, f"{path} line {reader.line_num}",
+                                numeric_columns, bundle) for record in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise BundleError(f"{path}: cannot read it as CSV ({error})") from None
+
+
+def _csv_sample(root: Path, record: dict, where: str, numeric_columns: list[str],
+                bundle: Bundle) -> Sample:
+    if None in record or not record.get("image"):
+        raise BundleError(f"{where}: malformed row (empty image or wrong number of fields)")
+    rgb = root / record["image"]
+    sample = Sample(name=str(rgb), rgb=rgb, label=record.get("label") or None)
+    if "depth" in bundle.modalities:
+        if not record["depth"]:
+            raise BundleError(f"{where}: empty depth, which the model needs")
+        sample.depth = root / record["depth"]
+    if "numeric" in bundle.modalities:
+        try:
+            values = {c[4:]: float(record[c]) for c in numeric_columns}
+        except (TypeError, ValueError):
+            raise BundleError(f"{where}: num_* values must be numbers") from None
+        names = bundle.preprocess["numeric"].get("names")
+        sample.numeric = numeric_vector(values if names else list(values.values()), bundle, where)
+    if "text" in bundle.modalities:
+        sample.text = record["text"] or ""
+    return sample
+
+
+def collect_samples(bundle: Bundle, inputs: list[Path], extra: ExtraInputs) -> list[Sample]:
+    """Every sample of ``inputs``, in the order given."""
+    for path in inputs:
+        if not path.exists():
+            raise BundleError(f"{path}: no such file or folder")
+    images = [p for p in inputs if p.is_file() and p.suffix.lower() != ".csv"]
+    direct: Iterator[Sample] = iter(image_samples(images, extra, bundle))
+    samples: list[Sample] = []
+    for path in inputs:
+        if path.is_dir():
+            samples += folder_samples(path, bundle)
+        elif path.suffix.lower() == ".csv":
+            samples += csv_samples(path, bundle)
+        else:
+            samples.append(next(direct))
+    if not samples:
+        raise BundleError(f"no images found in {', '.join(map(str, inputs))}")
+    return samples
+
+
+def model_inputs(bundle: Bundle, samples: list[Sample]) -> dict[str, np.ndarray]:
+    """The ONNX feeds for ``samples``, prepared as ``model.json``'s ``preprocess`` says."""
+    prep, size = bundle.preprocess, int(bundle.preprocess["resolution"])
+    feeds = {}
+    for entry in bundle.meta["inputs"]:
+        modality = entry["modality"]
+        if modality in ("rgb", "depth"):
+            mode = "RGB" if modality == "rgb" else "L"
+            pixels = np.stack([load_pixels(getattr(s, modality), mode, size) for s in samples])
+            rule = prep[modality]
+            x = pixels.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(rule["scale"])
+            mean = np.asarray(rule["mean"], np.float32).reshape(1, -1, 1, 1)
+            std = np.asarray(rule["std"], np.float32).reshape(1, -1, 1, 1)
+            value = (x - mean) / std
+        elif modality == "numeric":
+            rule = prep["numeric"]
+            value = ((np.asarray([s.numeric for s in samples], np.float32)
+                      - np.asarray(rule["mean"], np.float32)) / np.asarray(rule["std"], np.float32))
+        else:
+            value = tokenize([s.text or "" for s in samples], int(prep["text"]["buckets"]),
+                             int(prep["text"]["length"]))
+        feeds[entry["name"]] = value.astype(entry["dtype"])
+    return feeds
+
+
+def predict(bundle: Bundle, samples: list[Sample]) -> Predictions:
+    """Class probabilities (softmax of the logits) for every sample."""
+    chunks = []
+    for start in range(0, len(samples), BATCH_SIZE):
+        chunk = samples[start:start + BATCH_SIZE]
+        logits = bundle.session.run(None, model_inputs(bundle, chunk))[0]
+        if logits.shape != (len(chunk), len(bundle.classes)):
+            raise BundleError(f"{bundle.folder / ONNX_FILE}: returns shape {logits.shape}, "
+                              f"expected (samples, {len(bundle.classes)} labels)")
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        chunks.append(shifted / shifted.sum(axis=1, keepdims=True))
+    return Predictions(samples, np.concatenate(chunks), bundle.classes)
+
+
+def write_csv(path: Path, result: Predictions) -> None:
+    """One row per sample: sample, label, probability, true label, each class's probability."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sample", "label", "probability", "true_label",
+                         *(f"p_{name}" for name in result.classes)])
+        for sample, label, row in zip(result.samples, result.labels, result.probabilities,
+                                      strict=True):
+            writer.writerow([sample.name, label, f"{row.max():.6f}", sample.label or "",
+                             *(f"{p:.6f}" for p in row)])
+
+
+def run_predict(folder: Path, inputs: list[Path], *, extra: ExtraInputs | None = None,
+                out: Path | None = None, console: Console | None = None) -> Predictions:
+    """Predict ``inputs`` with the bundle in ``folder``; print or write the results.
+
+    Raises:
+        BundleError: The bundle is invalid, or an input is missing, unreadable or lacks a
+            modality the model needs.
+    """
+    console = console or Console()
+    bundle = load_bundle(folder)
+    samples = collect_samples(bundle, inputs, extra or ExtraInputs())
+    result = predict(bundle, samples)
+    if out is not None:
+        write_csv(out, result)
+        console.print(f"wrote {len(samples)} prediction(s) to {out}", markup=False)
+    else:
+        width = max(len(s.name) for s in samples)
+        for sample, label, row in zip(samples, result.labels, result.probabilities, strict=True):
+            truth = f"  (true: {sample.label})" if sample.label else ""
+            console.print(f"{sample.name:<{width}}  {label}  {row.max():.4f}{truth}",
+                          markup=False, highlight=False, soft_wrap=True)
+    scores = result.scores()
+    if scores is not None:
+        f1, accuracy, count = scores
+        console.print(f"macro F1 {f1:.4f}, accuracy {accuracy:.4f} on {count} labelled sample(s)")
+    return result

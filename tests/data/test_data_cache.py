@@ -1,0 +1,174 @@
+"""cached_arrays and load_split_arrays: built once, reused, rebuilt on change, safe to share."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import search.cache as cache
+from search.cache import cached_arrays, load_split_arrays, split_cache_key
+from search.dataset import load_index
+
+
+def _arrays() -> dict[str, np.ndarray]:
+    return {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "names": np.array(["a", "bc"])}
+
+
+def test_built_once_then_reused_as_memory_maps(tmp_path: Path):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return _arrays()
+
+    first = cached_arrays(tmp_path, "k1", build)
+    second = cached_arrays(tmp_path, "k1", build)
+    assert len(calls) == 1
+    for result in (first, second):
+        assert isinstance(result["x"], np.memmap) and not result["x"].flags.writeable
+        np.testing.assert_array_equal(result["x"], _arrays()["x"])
+        assert result["names"].tolist() == ["a", "bc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k1.lock", "k1"]
+
+
+def test_half_written_entries_are_rebuilt(tmp_path: Path):
+    cached_arrays(tmp_path, "k1", _arrays)
+    (tmp_path / "k1" / "meta.json").unlink()  # as if the writer died before the marker
+    (tmp_path / ".k1.tmp-dead").mkdir()  # a dead builder's leftovers
+    calls = []
+    result = cached_arrays(tmp_path, "k1", lambda: calls.append(1) or _arrays())
+    assert calls == [1] and result["x"].shape == (3, 4)
+    assert not (tmp_path / ".k1.tmp-dead").exists()
+
+
+def test_damaged_arrays_are_rebuilt(tmp_path: Path):
+    cached_arrays(tmp_path, "k1", _arrays)
+    (tmp_path / "k1" / "x.npy").write_bytes(b"\x93NUMPY garbage")
+    calls = []
+    cached_arrays(tmp_path, "k1", lambda: calls.append(1) or _arrays())
+    assert calls == [1]
+
+
+def test_a_failing_build_leaves_nothing(tmp_path: Path):
+    def build():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cached_arrays(tmp_path, "k1", build)
+    assert [p.name for p in tmp_path.iterdir()] == [".k1.lock"]
+    assert cached_arrays(tmp_path, "k1", _arrays)["x"].shape == (3, 4)
+
+
+def test_bad_keys_and_object_arrays_are_refused(tmp_path: Path):
+    with pytest.raises(ValueError):
+        cached_arrays(tmp_path, "../escape", _arrays)
+    with pytest.raises(ValueError):
+        cached_arrays(tmp_path, "k2", lambda: {"o": np.array([object()])})
+    assert not (tmp_path / "k2").exists()
+
+
+def _slow_build(counter: str) -> dict[str, np.ndarray]:
+    with open(counter, "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    time.sleep(0.5)  # long enough for the other process to be waiting on the lock
+    return _arrays()
+
+
+def _worker(cache_dir: str, counter: str, barrier, results) -> None:
+    barrier.wait()
+    arrays = cached_arrays(Path(cache_dir), "shared", lambda: _slow_build(counter))
+    results.put((os.getpid(), float(np.asarray(arrays["x"]).sum())))
+
+
+def test_concurrent_builders_build_once(tmp_path: Path):
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+    counter = tmp_path / "builds.txt"
+    processes = [
+        context.Process(target=_worker, args=(str(tmp_path / "c"), str(counter), barrier, results))
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    sums = [results.get(timeout=5)[1] for _ in processes]
+    assert sums == [66.0, 66.0]
+    assert len(counter.read_text().splitlines()) == 1
+    assert cached_arrays(tmp_path / "c", "shared", lambda: pytest.fail("rebuilt"))["x"].sum() == 66
+
+
+def test_split_arrays_follow_internals_contract(make_folders, spec, tmp_path: Path):
+    root = make_folders()
+    for modality in ("rgb", "depth", "numeric", "text"):
+        modalities = ["rgb"] if modality == "rgb" else ["rgb", modality]
+        index = load_index(spec(root, modalities=modalities), seed=0)
+        splits = load_split_arrays(index, 4, tmp_path / "cache")
+        assert set(splits) == {"train", "val", "test"}
+        train = splits["train"]
+        assert train.labels.dtype == np.int64 and len(train) == len(index.splits["train"])
+        assert train.images["rgb"].shape == (len(train), 4, 4, 3)
+        assert train.images["rgb"].dtype == np.uint8
+        assert train.ids == [s.id for s in index.splits["train"]]
+        assert [index.classes[i] for i in train.labels] == [s.label for s in index.splits["train"]]
+        assert ("depth" in train.images) == (modality == "depth")
+        if modality == "depth":
+            assert train.images["depth"].shape == (len(train), 4, 4, 1)
+        if modality == "numeric":
+            assert train.numeric is not None and train.numeric.dtype == np.float32
+            assert train.numeric.shape == (len(train), 2)
+        else:
+            assert train.numeric is None
+        assert (train.text is not None) == (modality == "text")
+    # The colour survives the resize: apple is red.
+    apple = splits["val"].labels.tolist().index(index.classes.index("apple"))
+    assert tuple(splits["val"].images["rgb"][apple, 2, 2]) == (200, 30, 30)
+
+
+def test_split_arrays_are_cached_and_rebuilt_on_change(make_folders, spec, tmp_path, monkeypatch):
+    root = make_folders()
+    builds = []
+    real = cache._decode_splits
+    monkeypatch.setattr(cache, "_decode_splits", lambda *a: builds.append(1) or real(*a))
+    data = spec(root, modalities=["rgb", "depth"])
+
+    index = load_index(data, seed=0)
+    load_split_arrays(index, 8, tmp_path / "cache")
+    load_split_arrays(load_index(data, seed=0), 8, tmp_path / "cache")
+    assert len(builds) == 1
+    load_split_arrays(index, 6, tmp_path / "cache")  # another resolution is another entry
+    assert len(builds) == 2
+
+    changed = root / "val/depth/pear/pear0.png"
+    Image.new("L", (8, 8), 7).save(changed)
+    new_index = load_index(data, seed=0)
+    assert split_cache_key(new_index, 8) != split_cache_key(index, 8)
+    splits = load_split_arrays(new_index, 8, tmp_path / "cache")
+    assert len(builds) == 3
+    row = splits["val"].ids.index("pear0")
+    assert int(splits["val"].images["depth"][row].max()) == 7
+
+
+def test_decoding_odd_images(make_folders, spec, tmp_path: Path):
+    one = {"apple": 1, "pear": 1}
+    root = make_folders({"train": {"apple": 3, "pear": 3}, "val": one, "test": one})
+    # A JPEG, a palette PNG, an RGBA PNG, and a 16-bit depth map.
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "train/rgb/apple/apple0.jpg")
+    (root / "train/rgb/apple/apple0.png").unlink()
+    Image.new("P", (8, 8), 3).save(root / "train/rgb/apple/apple1.png")
+    Image.new("RGBA", (8, 8), (1, 2, 3, 0)).save(root / "train/rgb/pear/pear0.png")
+    deep = np.full((8, 8), 51200, np.uint16)  # 200 * 256
+    Image.fromarray(deep).save(root / "train/depth/pear/pear1.png")
+    index = load_index(spec(root, modalities=["rgb", "depth"]), seed=0)
+    train = load_split_arrays(index, 8, tmp_path / "cache")["train"]
+    ids = train.ids
+    assert np.abs(train.images["rgb"][ids.index("apple0")].astype(int) - (200, 30, 30)).max() < 8
+    assert tuple(train.images["rgb"][ids.index("pear0"), 0, 0]) == (1, 2, 3)
+    assert int(train.images["depth"][ids.index("pear1")].min()) == 200

@@ -1,0 +1,216 @@
+"""Fresh databases for the storage tests: one per test, created before it and dropped after.
+
+The ``storage_url`` fixture runs a test against every backend (SQLite, PostgreSQL, MariaDB),
+like Optuna's own storage contract tests; ``server_url`` only against the two servers.
+The servers are the real ones on this machine; point the tests elsewhere with
+``FS_TEST_POSTGRES_URL`` and ``FS_TEST_MYSQL_URL`` (administrator URLs).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from sqlalchemy.engine import make_url
+
+from search.storage import normalize_url
+from tests.search.conftest import make_dataset, write_study
+
+ADMIN_URLS = {
+    "postgresql": os.environ.get("FS_TEST_POSTGRES_URL",
+                                 "postgresql://postgres@127.0.0.1:5432/postgres"),
+    "mariadb": os.environ.get("FS_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql"),
+}
+
+
+class ServerDatabase:
+    """One throw-away database on a server, named ``fs_test_<random>``."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.admin_url = normalize_url(ADMIN_URLS[backend])
+        self.name = f"fs_test_{secrets.token_hex(6)}"
+        self._admin = sqlalchemy.create_engine(self.admin_url, isolation_level="AUTOCOMMIT",
+                                               pool_pre_ping=True)
+
+    @property
+    def url(self) -> str:
+        return make_url(self.admin_url).set(database=self.name).render_as_string(
+            hide_password=False)
+
+    def execute(self, sql: str, **params: object) -> list:
+        with self._admin.connect() as connection:
+            result = connection.execute(sqlalchemy.text(sql), params)
+            return list(result) if result.returns_rows else []
+
+    def create(self) -> None:
+        try:
+            self.execute(f"CREATE DATABASE {self.name}")
+        except sqlalchemy.exc.OperationalError as error:
+            pytest.fail(f"{self.backend} at {self.admin_url} is not reachable ({error.orig}); "
+                        "start it (see .ci/run) or deselect these tests with -m 'not db'")
+
+    def drop(self) -> None:
+        if self.backend == "postgresql":
+            # FORCE ends sessions a killed worker may have left behind.
+            self.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+        else:
+            for (session_id,) in self.execute(
+                    "SELECT id FROM information_schema.processlist WHERE db = :db", db=self.name):
+                self.execute(f"KILL {int(session_id)}")
+            self.execute(f"DROP DATABASE IF EXISTS {self.name}")
+        self._admin.dispose()
+
+
+SERVERS = [pytest.param("postgresql", marks=pytest.mark.db, id="postgresql"),
+           pytest.param("mariadb", marks=pytest.mark.db, id="mariadb")]
+
+
+@pytest.fixture(params=[pytest.param("sqlite", id="sqlite"), *SERVERS])
+def storage_url(request, tmp_path) -> Iterator[str]:
+    """A URL to an empty database, for each backend in turn."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'study.db'}"
+        return
+    database = ServerDatabase(request.param)
+    database.create()
+    try:
+        yield database.url
+    finally:
+        database.drop()
+
+
+@pytest.fixture(params=SERVERS)
+def server_url(request) -> Iterator[str]:
+    """A URL to an empty database on PostgreSQL, then on MariaDB."""
+    database = ServerDatabase(request.param)
+    database.create()
+    try:
+        yield database.url
+    finally:
+        database.drop()
+
+
+@pytest.fixture
+def postgres_db() -> Iterator[ServerDatabase]:
+    """A fresh PostgreSQL database (for tests that restart or inspect the server)."""
+    database = ServerDatabase("postgresql")
+    database.create()
+    try:
+        yield database
+    finally:
+        database.drop()
+
+
+@pytest.fixture
+def mariadb_db() -> Iterator[ServerDatabase]:
+    """A fresh MariaDB database."""
+    database = ServerDatabase("mariadb")
+    database.create()
+    try:
+        yield database
+    finally:
+        database.drop()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a fresh folder so runs/ and caches stay inside the test's tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SEARCH_STORAGE", raising=False)
+    return tmp_path
+
+
+def tiny_study(workdir: Path, *, n_trials: int, epochs: int = 1, name: str = "tiny",
+               heartbeat: tuple[int, int] | None = None) -> Path:
+    """The smallest real study: rgb only, 16 px, b0, no fusion, one thread per worker."""
+    data = workdir / "data"
+    if not data.exists():
+        make_dataset(data, counts={"red": 8, "green": 6, "yellow": 6}, modalities=("rgb",))
+    path = write_study(workdir, data, name=name, n_trials=n_trials, epochs=epochs,
+                       modalities='["rgb"]', fusion='["none"]')
+    text = path.read_text().replace("resolution = 32", "resolution = 16")
+    if heartbeat is not None:
+        interval, grace = heartbeat
+        text = text.replace("seed = 0\n", f"seed = 0\nheartbeat_interval_s = {interval}\n"
+                            f"heartbeat_grace_s = {grace}\n", 1)
+    path.write_text(text)
+    return path
+
+
+def start_worker(study_file: Path, storage_url: str, *, n_trials: int, index: int,
+                 workdir: Path) -> subprocess.Popen:
+    """``search worker`` as its own process, logging to ``worker-<index>.log``."""
+    log = open(workdir / f"worker-{index}.log", "w")  # noqa: SIM115 - the child owns it
+    command = [sys.executable, "-m", "search", "worker", "--study", str(study_file),
+               "--storage", storage_url, "--n-trials", str(n_trials),
+               "--worker-index", str(index), "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env.pop("SEARCH_STORAGE", None)
+    try:
+        return subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+    finally:
+        log.close()
+
+
+def wait_all(processes: list[subprocess.Popen], timeout_s: float) -> list[int]:
+    """Wait for every process; kill the rest and fail if they outlive ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in processes]
+    except subprocess.TimeoutExpired:
+        stop_all(processes)
+        pytest.fail(f"workers still running after {timeout_s:.0f} s")
+
+
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """Kill whatever is still running (test clean-up)."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def logs(workdir: Path) -> str:
+    """Every worker log of the test, for failure messages."""
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}"
+                     for p in sorted(workdir.glob("worker-*.log")))
+
+
+def pg_ctl(action: str) -> None:
+    """``pg_ctlcluster <version> main <action>`` on this machine's PostgreSQL."""
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+                   check=True, timeout=120, capture_output=True)
+
+
+def postgres_ready() -> bool:
+    done = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"], timeout=30)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def restartable_postgres(postgres_db: ServerDatabase) -> Iterator[ServerDatabase]:
+    """A fresh PostgreSQL database whose server the test may stop and restart.
+
+    Whatever the test does, the server is running again afterwards (before the database
+    is dropped: this fixture's clean-up runs before ``postgres_db``'s).
+    """
+    if not Path("/etc/postgresql").is_dir():
+        pytest.skip("PostgreSQL is not managed by pg_ctlcluster on this machine")
+    try:
+        yield postgres_db
+    finally:
+        if not postgres_ready():
+            pg_ctl("start")
+        deadline = time.monotonic() + 60
+        while not postgres_ready() and time.monotonic() < deadline:
+            time.sleep(0.5)

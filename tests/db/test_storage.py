@@ -1,0 +1,194 @@
+"""Storage contract: the same checks on SQLite, PostgreSQL and MariaDB, each in a fresh database."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.exceptions import StorageInternalError
+from optuna.trial import TrialState
+
+from search.budget import StudyLock, budget_state, top_up
+from search.config import load_study as load_config
+from search.errors import StorageError
+from search.storage import (
+    ResilientRDBStorage,
+    RetryPolicy,
+    StorageLostError,
+    call_with_retries,
+    check_reachable,
+    get_storage,
+    is_transient,
+    normalize_url,
+)
+from search.worker import load_study
+from tests.db.conftest import tiny_study
+
+
+@pytest.fixture
+def storage(storage_url):
+    opened = get_storage(storage_url)
+    yield opened
+    opened.engine.dispose()  # a server database cannot be dropped while we hold sessions
+
+
+def test_a_trial_round_trips_attributes_values_and_state(storage):
+    study = optuna.create_study(study_name="contract", storage=storage, direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    trial.report(0.25, 0)
+    trial.set_user_attr("timing", {"storage_s": 0.1, "total_s": 2.0})
+    study.tell(trial, 0.5)
+    frozen = optuna.load_study(study_name="contract", storage=storage).trials[0]
+    assert isinstance(storage, ResilientRDBStorage)
+    assert frozen.state == TrialState.COMPLETE and frozen.value == 0.5
+    assert frozen.intermediate_values == {0: 0.25}
+    assert frozen.user_attrs["timing"] == {"storage_s": 0.1, "total_s": 2.0}
+
+
+def test_concurrent_workers_create_the_study_once(storage_url, workdir):
+    config = load_config(str(tiny_study(workdir, n_trials=3)))
+    studies, errors = [], []
+
+    def join() -> None:
+        try:
+            studies.append(load_study(config, storage_url, n_trials=3))
+        except Exception as error:  # collected and reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=join) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert len({s._study_id for s in studies}) == 1
+    summaries = optuna.get_all_study_summaries(storage=get_storage(storage_url))
+    assert [s.study_name for s in summaries] == ["tiny"]
+    assert studies[0].user_attrs["n_trials"] == 3
+    for study in studies:
+        study._storage._backend.engine.dispose()
+
+
+def test_study_lock_excludes_a_second_holder(storage_url):
+    first, second = StudyLock(storage_url, "locked"), StudyLock(storage_url, "locked")
+    other_study = StudyLock(storage_url, "other")
+    acquired = threading.Event()
+    first.acquire()
+    waiter = threading.Thread(target=lambda: (second.acquire(), acquired.set()))
+    waiter.start()
+    try:
+        other_study.acquire()  # a different study's lock is independent
+        other_study.release()
+        assert not acquired.wait(1.0)
+        first.release()
+        assert acquired.wait(30)
+    finally:
+        first.close()
+        waiter.join(timeout=30)
+        second.close()
+        other_study.close()
+
+
+def test_top_up_queues_exactly_the_missing_trials(storage):
+    study = optuna.create_study(study_name="budget", storage=storage)
+    assert top_up(study, 3) == 3
+    assert top_up(study, 3) == 0  # idempotent: a recount finds the queue full
+    trial = study.ask()
+    study.tell(trial, state=TrialState.FAIL)  # a failure gives its slot back
+    assert top_up(study, 3) == 1
+    state = budget_state(study, 3)
+    assert state.waiting == 3 and state.live == 3 and not state.spent
+
+
+def test_calls_survive_the_server_dropping_every_connection(server_url):
+    storage = get_storage(server_url, heartbeat=None)
+    study = optuna.create_study(study_name="dropped", storage=storage)
+    trial = study.ask()
+    trial.set_user_attr("before", 1)
+    _kill_sessions(server_url)
+    trial.set_user_attr("after", 2)  # pre-ping notices the dead connection and reconnects
+    storage.record_heartbeat(trial._trial_id)
+    _kill_sessions(server_url)
+    study.tell(trial, 1.0)
+    assert study.trials[0].user_attrs == {"before": 1, "after": 2}
+    assert study.trials[0].state == TrialState.COMPLETE
+    storage.engine.dispose()
+
+
+def _kill_sessions(url: str) -> None:
+    """End every other session on the test's database, as a server restart would."""
+    engine = sqlalchemy.create_engine(normalize_url(url), isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        name = engine.url.database
+        if engine.dialect.name == "postgresql":
+            connection.execute(sqlalchemy.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": name})
+        else:
+            rows = connection.execute(sqlalchemy.text(
+                "SELECT id FROM information_schema.processlist "
+                "WHERE db = :db AND id <> CONNECTION_ID()"), {"db": name})
+            for (session_id,) in list(rows):
+                connection.execute(sqlalchemy.text(f"KILL {int(session_id)}"))
+    engine.dispose()
+
+
+def test_unreachable_server_is_one_line_naming_the_url_without_password():
+    with pytest.raises(StorageError) as raised:
+        check_reachable("postgresql://someone:secret@127.0.0.1:1/nothing")
+    message = str(raised.value)
+    assert "127.0.0.1:1" in message and "secret" not in message and "\n" not in message
+    with pytest.raises(StorageError, match="not a URL"):
+        check_reachable("localhost:5432")
+    with pytest.raises(StorageError, match="cannot reach storage"):
+        check_reachable("oracle://127.0.0.1/x")
+
+
+def test_retries_wait_for_transient_errors_and_give_up_with_a_storage_error():
+    calls = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed"))
+        return "ok"
+
+    policy = RetryPolicy(total_s=5, first_wait_s=0.01, max_wait_s=0.05)
+    assert call_with_retries(flaky, policy=policy) == "ok" and len(calls) == 3
+
+    def down() -> None:
+        raise StorageInternalError("commit failed") from sqlalchemy.exc.OperationalError(
+            "COMMIT", {}, Exception("connection refused"))
+
+    with pytest.raises(StorageLostError, match="connection refused") as raised:
+        call_with_retries(down, policy=RetryPolicy(total_s=0.2, first_wait_s=0.05))
+    assert isinstance(raised.value, StorageError)  # the CLI prints it as one line
+    assert not is_transient(raised.value)  # an outer retry loop does not start over
+
+    def bad_statement() -> None:
+        raise sqlalchemy.exc.ProgrammingError("SELECT nope", {}, Exception("syntax"))
+
+    with pytest.raises(sqlalchemy.exc.ProgrammingError):
+        call_with_retries(bad_statement, policy=policy)  # not retried
+
+
+@pytest.mark.parametrize(("error", "transient"), [
+    (sqlalchemy.exc.OperationalError("x", {}, Exception("server closed the connection")), True),
+    (sqlalchemy.exc.InterfaceError("x", {}, Exception("connection already closed")), True),
+    (sqlalchemy.exc.OperationalError("x", {}, sqlite3.OperationalError("database is locked")),
+     True),
+    (sqlalchemy.exc.OperationalError("x", {}, sqlite3.OperationalError("no such table: x")),
+     False),
+    (sqlalchemy.exc.IntegrityError("x", {}, Exception("duplicate key")), False),
+    (ValueError("not a storage error"), False),
+])
+def test_only_connection_errors_are_transient(error, transient):
+    assert is_transient(error) is transient
+    wrapped = StorageInternalError("An exception is raised during the commit.")
+    wrapped.__cause__ = error  # how RDBStorage reports every SQLAlchemy error
+    assert is_transient(wrapped) is transient
