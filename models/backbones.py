@@ -143,8 +143,12 @@ def register_implementation(name: str) -> Callable[[_Builder], _Builder]:
 def _build_lukemelas(size: str, in_chans: int, image_size: int) -> Backbone:
     # include_top=False drops the dropout and the 1000-class layer; image_size fixes the static
     # "same" padding of every conv for the resolution actually trained on.
+    # batch_norm_momentum=0.9 is PyTorch momentum 0.1 (torchvision's). The package default
+    # (0.99, i.e. 0.01) leaves running statistics near their init for hundreds of steps, so a
+    # briefly trained model predicts one class in eval mode and the pruner judges noise.
     net = EfficientNet.from_name(
-        f"efficientnet-{size}", in_channels=in_chans, image_size=image_size, include_top=False
+        f"efficientnet-{size}", in_channels=in_chans, image_size=image_size, include_top=False,
+        batch_norm_momentum=0.9,
     )
     num_features = net._bn1.num_features
     return _LukemelasBackbone(net, name=size, in_chans=in_chans, num_features=num_features)

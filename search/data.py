@@ -126,7 +126,7 @@ class PreparedData:
         split = self._to_split(train, balanced["source_index"])
         split.labels = np.asarray(balanced["labels"])
         split.images = {m: balanced[f"image_{m}"] for m in train.images}
-        return split, None if weights is None else np.asarray(weights)
+        return split, None if weights is None else np.array(weights)  # writable copy for torch
 
     def _balanced(self, strategy: str) -> dict[str, np.ndarray]:
         train = self.arrays["train"]

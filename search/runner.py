@@ -123,17 +123,17 @@ def _watch(study: optuna.Study, n_trials: int, processes: list[subprocess.Popen]
     """Live progress line until every worker has exited."""
     started = time.time()
     interactive = console.is_terminal
-    last_line = ""
+    last_state, last_print = None, 0.0
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
             running = any(p.poll() is None for p in processes)
-            line = retrying(progress, study, n_trials, started=started,
-                            workers=len(processes)).line()
+            state = retrying(progress, study, n_trials, started=started, workers=len(processes))
             if interactive:
-                live.update(line, refresh=True)
-            elif line != last_line:
-                console.print(line)  # one line per change in logs and CI
-            last_line = line
+                live.update(state.line(), refresh=True)
+            elif (state.counts, state.best) != last_state or time.time() - last_print > 60:
+                # Logs and CI get a line when something changed, or once a minute.
+                console.print(state.line())
+                last_state, last_print = (state.counts, state.best), time.time()
             if not running:
                 return
             time.sleep(1.0 if interactive else 2.0)
