@@ -168,6 +168,15 @@ def load_split_arrays(
         split_cache_key(index, resolution),
         lambda: _decode_splits(index, resolution),
     )
+    return split_arrays(index, images)
+
+
+def split_arrays(index: DatasetIndex, images: dict[str, np.ndarray]) -> dict[str, SplitArrays]:
+    """Every split of ``index`` as arrays, with the decoded ``images`` keyed ``<split>.<modality>``.
+
+    Labels, numeric values, texts and ids come from the index. Image modalities missing from
+    ``images`` are left out, so passing ``{}`` gives splits without pixels.
+    """
     class_id = {name: i for i, name in enumerate(index.classes)}
     result = {}
     for split, samples in index.splits.items():
@@ -177,7 +186,8 @@ def load_split_arrays(
             numeric = numeric.reshape(len(samples), len(index.numeric_names))
         result[split] = SplitArrays(
             labels=np.array([class_id[s.label] for s in samples], np.int64),
-            images={m: images[f"{split}.{m}"] for m in ("rgb", "depth") if m in index.modalities},
+            images={m: images[key] for m in ("rgb", "depth")
+                    if (key := f"{split}.{m}") in images},
             numeric=numeric,
             text=[s.text or "" for s in samples] if "text" in index.modalities else None,
             ids=[s.id for s in samples],
@@ -199,7 +209,7 @@ def _decode_splits(index: DatasetIndex, resolution: int) -> dict[str, np.ndarray
 
     def decode_into(job: tuple[Path, str, np.ndarray, int]) -> str | None:
         path, modality, stack, row = job
-        image = _decode(path, modality, resolution)
+        image = decode_image(path, modality, resolution)
         if isinstance(image, str):
             return f"{os.path.relpath(path, index.root)} ({image})"
         stack[row] = image.reshape(stack.shape[1:])
@@ -212,7 +222,7 @@ def _decode_splits(index: DatasetIndex, resolution: int) -> dict[str, np.ndarray
     return arrays
 
 
-def _decode(path: Path, modality: str, resolution: int) -> np.ndarray | str:
+def decode_image(path: Path, modality: str, resolution: int) -> np.ndarray | str:
     """Decode one image to uint8 ``[resolution, resolution, C]``, or return why it failed."""
     mode = "RGB" if modality == "rgb" else "L"
     try:

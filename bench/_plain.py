@@ -1,0 +1,123 @@
+"""The plain approach's data path, the baseline of ``bench/search_efficiency.py``.
+
+What a hand-written training script usually does: decode and resize every image from its
+file each time a batch needs it (no cache), and run the augmentation on the fly for every
+training batch (no balanced set generated once). Everything else (index, splits, class
+weights, numeric standardisation, tokens, batch layout) is ``search``'s own, so the
+comparison changes only what the benchmark claims to measure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import augment
+from search.cache import decode_image, split_arrays
+from search.config import StudyConfig
+from search.data import PreparedData, Split
+from search.dataset import DatasetIndex, load_index
+from search.demo import ensure_demo
+from search.errors import DataError
+
+CHANNELS = {"rgb": 3, "depth": 1}
+
+
+@dataclass
+class DiskSplit:
+    """A split whose images are decoded from their files for every batch.
+
+    ``base`` holds labels, numeric values and tokens (cheap, in memory); ``files`` the image
+    file of each row per image modality. With ``ops`` every batch goes through a fresh
+    Augmentor draw, the same for all image modalities of a sample.
+    """
+
+    base: Split
+    files: dict[str, list[Path]]
+    resolution: int
+    ops: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.base.labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def images(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Decode (and, with ``ops``, augment) the images of ``rows``."""
+        images = {modality: np.stack([self._decode(paths[r], modality) for r in rows])
+                  for modality, paths in self.files.items()}
+        if self.ops:
+            images = augment.augment_rows(images, np.arange(len(rows)), ops=self.ops,
+                                          seed=int(self._rng.integers(2**31)))
+        return images
+
+    def batch(self, rows: np.ndarray, device: torch.device, channels_last: bool) -> dict:
+        """Same batch layout as :meth:`search.data.Split.batch`, from freshly decoded files."""
+        base = self.base
+        part = Split(base.labels[rows], self.images(rows),
+                     None if base.numeric is None else base.numeric[rows],
+                     None if base.tokens is None else base.tokens[rows])
+        return part.batch(np.arange(len(rows)), device, channels_last)
+
+    def _decode(self, path: Path, modality: str) -> np.ndarray:
+        image = decode_image(path, modality, self.resolution)
+        if isinstance(image, str):
+            raise DataError(f"{path}: {image}")
+        return image.reshape(self.resolution, self.resolution, CHANNELS[modality])
+
+
+class PlainData(PreparedData):
+    """:class:`search.data.PreparedData` without the image cache or the balanced-set cache."""
+
+    def split(self, name: str) -> DiskSplit:
+        return self._disk_split(name, np.arange(len(self.arrays[name])), ops=())
+
+    def train_split(self, strategy: str) -> tuple[DiskSplit, np.ndarray | None]:
+        labels = self.arrays["train"].labels
+        rows, weights = np.arange(len(labels)), None
+        if strategy == "oversample":
+            rows = oversampled_rows(labels, self.config.augment.target_per_class,
+                                    seed=self.config.study.seed)
+        elif strategy == "class_weights":
+            weights = augment.inverse_frequency_weights(labels, len(self.classes))
+        split = self._disk_split("train", rows, ops=tuple(self.config.augment.ops))
+        return split, weights
+
+    def _disk_split(self, name: str, rows: np.ndarray, *, ops: tuple[str, ...]) -> DiskSplit:
+        samples = self.index.splits[name]
+        files = {m: [getattr(samples[r], m) for r in rows]
+                 for m in ("rgb", "depth") if m in self.index.modalities}
+        return DiskSplit(self._to_split(self.arrays[name], rows), files,
+                         self.config.train.resolution, ops=ops, seed=self.config.study.seed)
+
+
+def oversampled_rows(labels: np.ndarray, target: int | str, *, seed: int) -> np.ndarray:
+    """Every row once, plus random repeats of each class's rows up to ``target`` per class.
+
+    The variation between repeats comes from the on-the-fly augmentation, not from copies
+    generated up front.
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels)
+    goal = int(counts.max()) if target == "max" else int(target)
+    rows = [np.arange(len(labels))]
+    for label, count in enumerate(counts):
+        if 0 < count < goal:
+            rows.append(rng.choice(np.flatnonzero(labels == label), goal - count))
+    return np.concatenate(rows)
+
+
+def load_plain_data(config: StudyConfig) -> PlainData:
+    """Index and validate the data set like ``search`` does, but decode no image yet."""
+    ensure_demo(config.data, seed=config.study.seed)
+    index: DatasetIndex = load_index(config.data, seed=config.study.seed)
+    return PlainData(config, index, split_arrays(index, {}))

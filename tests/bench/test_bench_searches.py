@@ -1,0 +1,107 @@
+"""The search benchmarks' baseline and measurements: the plain data path and SearchRun."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from bench._plain import load_plain_data, oversampled_rows
+from bench._searches import SearchRun, plain_overrides, run_default, run_plain, study_config
+from search.config import load_study
+from search.data import prepare_data
+from tests.search.conftest import make_dataset, write_study
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def tiny_study(workdir):
+    return write_study(workdir, make_dataset(workdir / "data"))
+
+
+def test_disk_split_decodes_the_same_pixels_the_cache_holds(tiny_study):
+    config = load_study(str(tiny_study))
+    cached, plain = prepare_data(config), load_plain_data(config)
+    rows = np.arange(len(cached.split("val")))
+    expected = cached.split("val").batch(rows, CPU, False)
+    got = plain.split("val").batch(rows, CPU, False)
+    assert expected.keys() == got.keys() == {"rgb", "depth"}
+    for modality in expected:
+        torch.testing.assert_close(got[modality], expected[modality])
+
+
+def test_training_batches_are_augmented_afresh_each_time(tiny_study):
+    config = load_study(str(tiny_study))  # ops = ["flip_left_right"]
+    split, _ = load_plain_data(config).train_split("none")
+    rows = np.arange(len(split))
+    draws = [split.images(rows)["rgb"] for _ in range(3)]
+    assert any(not np.array_equal(draws[0], other) for other in draws[1:])
+    assert all(draw.shape == (len(rows), 32, 32, 3) for draw in draws)
+
+
+def test_class_weights_and_oversampling_match_the_cached_strategies(tiny_study):
+    config = load_study(str(tiny_study))
+    cached, plain = prepare_data(config), load_plain_data(config)
+    _, cached_weights = cached.train_split("class_weights")
+    _, plain_weights = plain.train_split("class_weights")
+    np.testing.assert_allclose(plain_weights, cached_weights)
+    split, weights = plain.train_split("oversample")
+    assert weights is None
+    assert len(set(np.bincount(split.labels))) == 1  # every class at the largest's count
+
+
+def test_oversampled_rows_keep_every_row_and_fill_each_class_to_the_target():
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    rows = oversampled_rows(labels, "max", seed=0)
+    assert set(range(10)) <= set(rows.tolist())
+    assert np.bincount(labels[rows]).tolist() == [6, 6, 6]
+    assert np.bincount(labels[oversampled_rows(labels, 4, seed=0)]).tolist() == [6, 4, 4]
+
+
+def test_reached_counts_seconds_and_epochs_until_a_complete_trial_hits_the_target():
+    start = datetime(2026, 1, 1)
+    study = optuna.create_study(direction="maximize")
+    lr = FloatDistribution(1e-3, 1e-1)
+
+    def add(state, value, epochs, end_s):
+        study.add_trial(FrozenTrial(
+            number=0, trial_id=0, state=state, value=value, params={"lr": 0.01},
+            distributions={"lr": lr}, user_attrs={}, system_attrs={},
+            intermediate_values={e: 0.99 for e in range(epochs)},
+            datetime_start=start, datetime_complete=start + timedelta(seconds=end_s)))
+
+    add(TrialState.COMPLETE, 0.5, 4, 10)
+    add(TrialState.PRUNED, None, 2, 15)  # a pruned trial's intermediate values do not count
+    add(TrialState.COMPLETE, 0.8, 3, 30)
+    add(TrialState.COMPLETE, 0.9, 5, 20)  # finished before the 0.8 one
+    run = SearchRun("x", None, study, start, 40.0)
+    assert run.epochs == 14
+    assert run.best_value == 0.9
+    assert run.reached(0.85) == (20.0, 11)
+    assert run.reached(0.7) == (20.0, 11)
+    assert run.reached(0.5) == (10.0, 4)
+    assert run.reached(0.95) is None
+
+
+@pytest.mark.slow
+def test_plain_trials_train_full_length_and_ours_may_stop_early(workdir):
+    data = make_dataset(workdir / "data")
+    path = write_study(workdir, data, n_trials=2, epochs=3, fusion='["none"]',
+                       pruner="hyperband")
+    ours = study_config(str(path), workdir, "ours", train={"patience": 1})
+    plain = study_config(str(path), workdir, "plain", **plain_overrides(3))
+    a, b = run_plain("plain", plain), run_default("ours", ours)
+    assert [t.state for t in a.finished] == [TrialState.COMPLETE] * 2
+    assert [len(t.intermediate_values) for t in a.finished] == [3, 3]
+    assert len(b.finished) == 2 and b.epochs <= a.epochs
+    # Same sampler and seed: both searches train the same configurations first.
+    assert a.finished[0].params == b.finished[0].params
+    assert not (workdir / "plain" / "cache").exists()  # the plain approach caches nothing
+    assert (workdir / "ours" / "cache").is_dir()
+    assert 0.0 <= a.test_scores()[0] <= 1.0  # scoring builds the test split's cache afterwards
