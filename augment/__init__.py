@@ -15,11 +15,13 @@ from augment.balance import (
     inverse_frequency_weights,
     list_strategies,
 )
+from augment.online import ONLINE_OPS, flip_batch, online_ops
 from augment.ops import OPS, OpSpec, list_ops, validate_ops
 from augment.pipeline import augment_rows, augment_sample, build_pipeline
 from augment.seeding import seeded_global_rngs
 
 __all__ = [
+    "ONLINE_OPS",
     "OPS",
     "STRATEGIES",
     "BalancedSet",
@@ -28,10 +30,12 @@ __all__ = [
     "augment_sample",
     "balance",
     "build_pipeline",
+    "flip_batch",
     "get_strategy",
     "inverse_frequency_weights",
     "list_ops",
     "list_strategies",
+    "online_ops",
     "seeded_global_rngs",
     "validate_ops",
 ]

@@ -81,7 +81,7 @@ class PlainData(PreparedData):
     def split(self, name: str) -> DiskSplit:
         return self._disk_split(name, np.arange(len(self.arrays[name])), ops=())
 
-    def train_split(self, strategy: str) -> tuple[DiskSplit, np.ndarray | None]:
+    def train_split(self, strategy: str, *, seed: int = 0) -> tuple[DiskSplit, np.ndarray | None]:
         labels = self.arrays["train"].labels
         rows, weights = np.arange(len(labels)), None
         if strategy == "oversample":
@@ -89,15 +89,16 @@ class PlainData(PreparedData):
                                     seed=self.config.study.seed)
         elif strategy == "class_weights":
             weights = augment.inverse_frequency_weights(labels, len(self.classes))
-        split = self._disk_split("train", rows, ops=tuple(self.config.augment.ops))
+        split = self._disk_split("train", rows, ops=tuple(self.config.augment.ops), seed=seed)
         return split, weights
 
-    def _disk_split(self, name: str, rows: np.ndarray, *, ops: tuple[str, ...]) -> DiskSplit:
+    def _disk_split(self, name: str, rows: np.ndarray, *, ops: tuple[str, ...],
+                    seed: int = 0) -> DiskSplit:
         samples = self.index.splits[name]
         files = {m: [getattr(samples[r], m) for r in rows]
                  for m in ("rgb", "depth") if m in self.index.modalities}
         return DiskSplit(self._to_split(self.arrays[name], rows), files,
-                         self.config.train.resolution, ops=ops, seed=self.config.study.seed)
+                         self.config.train.resolution, ops=ops, seed=seed)
 
 
 def oversampled_rows(labels: np.ndarray, target: int | str, *, seed: int) -> np.ndarray:

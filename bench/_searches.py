@@ -74,14 +74,14 @@ class SearchRun:
         return scores.macro_f1, dict(zip(trained.classes, scores.per_class_f1, strict=True))
 
 
-def study_config(study: str, workdir: Path, label: str, **overrides: Any) -> StudyConfig:
+def study_config(study_file: str, workdir: Path, label: str, /, **overrides: Any) -> StudyConfig:
     """The study file with its storage, artifacts and cache moved under ``workdir/label``.
 
     ``overrides`` are ``section={key: value}`` tables merged into the file's, e.g.
     ``study={"seed": 1}``. The data root stays where the file says (made absolute), so
     the demo set is generated once and shared.
     """
-    path = resolve_study_path(study)
+    path = resolve_study_path(study_file)
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)

@@ -79,6 +79,7 @@ class AugmentConfig(_Section):
     balance: str | list[str] = "oversample"
     target_per_class: Literal["max"] | Annotated[int, Field(gt=0)] = "max"
     ops: list[str] = []
+    online: bool = True  # flips and quarter turns of `ops` also drawn afresh every batch
 
     @field_validator("balance")
     @classmethod

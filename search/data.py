@@ -56,12 +56,18 @@ class Preprocess:
 
 @dataclass
 class Split:
-    """One split as arrays ready to batch: uint8 images, standardised numeric, token ids."""
+    """One split as arrays ready to batch: uint8 images, standardised numeric, token ids.
+
+    A training split may carry ``flip_ops`` (see :mod:`augment.online`): every batch then
+    gets fresh random flips and quarter turns, drawn from ``rng``.
+    """
 
     labels: np.ndarray
     images: dict[str, np.ndarray]
     numeric: np.ndarray | None = None
     tokens: np.ndarray | None = None
+    flip_ops: tuple[str, ...] = ()
+    rng: np.random.Generator | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -70,8 +76,11 @@ class Split:
         """Gather ``rows`` into a model batch (dict of tensors keyed by modality)."""
         memory = torch.channels_last if channels_last else torch.contiguous_format
         batch: dict[str, torch.Tensor] = {}
-        for modality, array in self.images.items():
-            pixels = torch.from_numpy(np.ascontiguousarray(array[rows])).to(device)
+        images = {modality: array[rows] for modality, array in self.images.items()}
+        if self.flip_ops:
+            images = augment.flip_batch(images, self.flip_ops, self.rng)
+        for modality, array in images.items():
+            pixels = torch.from_numpy(np.ascontiguousarray(array)).to(device)
             pixels = pixels.permute(0, 3, 1, 2).float().div_(255)
             batch[modality] = _normalize(modality, pixels).contiguous(memory_format=memory)
         if self.numeric is not None:
@@ -118,14 +127,20 @@ class PreparedData:
         """An evaluation split (``val`` or ``test``), untouched by augmentation."""
         return self._to_split(self.arrays[name], np.arange(len(self.arrays[name].labels)))
 
-    def train_split(self, strategy: str) -> tuple[Split, np.ndarray | None]:
-        """The balanced training split for ``strategy`` and its class weights (or None)."""
+    def train_split(self, strategy: str, *, seed: int = 0) -> tuple[Split, np.ndarray | None]:
+        """The balanced training split for ``strategy`` and its class weights (or None).
+
+        With ``[augment] online`` on, its batches get fresh flips and turns, drawn from ``seed``.
+        """
         balanced = self._balanced(strategy)
         weights = balanced.get("class_weights")
         train = self.arrays["train"]
         split = self._to_split(train, balanced["source_index"])
         split.labels = np.asarray(balanced["labels"])
         split.images = {m: balanced[f"image_{m}"] for m in train.images}
+        if self.config.augment.online:
+            split.flip_ops = augment.online_ops(self.config.augment.ops)
+            split.rng = np.random.default_rng(seed)
         return split, None if weights is None else np.array(weights)  # writable copy for torch
 
     def _balanced(self, strategy: str) -> dict[str, np.ndarray]:

@@ -133,7 +133,8 @@ class Objective:
         self._attrs(trial, {"n_params": n_params, "device": self._device_name(),
                             "model_spec": spec.to_dict(), "worker_pid": os.getpid()})
         tick = time.perf_counter()
-        train_split, weights = self.data.train_split(params.balance)
+        train_split, weights = self.data.train_split(
+            params.balance, seed=self.config.study.seed + trial.number)
         val_split = self.data.split("val")
         data_s = time.perf_counter() - tick
 
