@@ -32,7 +32,8 @@ StudyOption = Annotated[str, typer.Option(
 StorageOption = Annotated[str | None, typer.Option(
     "--storage", help="Storage URL; overrides SEARCH_STORAGE and the study file.")]
 TrialsOption = Annotated[int | None, typer.Option(
-    min=1, help="Trial budget, complete + pruned (default: the study file's n_trials).")]
+    min=1, help="Trial budget, complete + pruned (default: the budget the study holds, "
+    "else the study file's n_trials).")]
 WorkersOption = Annotated[int | None, typer.Option(
     min=1, help="Worker processes (default: one per GPU, else the study file's workers).")]
 
@@ -84,7 +85,7 @@ def worker(
         config = load_study(study)
         options = WorkerOptions(
             storage_url=config.storage_url(storage),
-            n_trials=n_trials or config.study.n_trials, worker_index=worker_index,
+            n_trials=n_trials, worker_index=worker_index,
             threads=threads, timeout_s=config.study.timeout_s)
         ran = run_worker(config, options)
         console.print(f"worker done: ran {ran} trial(s) of study {config.name!r}")

@@ -36,7 +36,7 @@ class StudySection(_Section):
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     storage: str | None = None
     artifacts_dir: Path | None = None
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
     heartbeat_interval_s: Annotated[int, Field(gt=0)] = 10
     heartbeat_grace_s: Annotated[int, Field(gt=0)] = 30
     max_retry: Annotated[int, Field(ge=0)] = 3
@@ -118,6 +118,16 @@ class TrainConfig(_Section):
     weights_dir: Path | None = None
     channels_last: bool | Literal["auto"] = "auto"
     autocast: bool | Literal["auto"] = "auto"
+
+    @field_validator("implementation")
+    @classmethod
+    def _known_implementation(cls, value: str) -> str:
+        import models
+
+        if value not in models.list_implementations():
+            raise ValueError(f"unknown implementation {value!r}; choose from "
+                             f"{models.list_implementations()}")
+        return value
 
 
 class PrunerConfig(_Section):
@@ -247,3 +257,16 @@ def _check_paths(config: StudyConfig, path: Path) -> None:
     weights = config.train.weights_dir
     if weights is not None and not weights.is_dir():
         raise ConfigError(f"{path}: train.weights_dir: folder {weights} does not exist")
+    if weights is not None:
+        missing = [b for b in config.space.backbone.values() if weights_file(weights, b) is None]
+        if missing:
+            raise ConfigError(f"{path}: train.weights_dir: no weights for {missing} in {weights} "
+                              "(expected b0.pth, b0.pt or efficientnet-b0*.pth, and so on)")
+
+
+def weights_file(weights_dir: Path, backbone: str) -> Path | None:
+    """The local pre-trained weights of ``backbone`` in ``weights_dir``, if there are any."""
+    for pattern in (f"{backbone}.pth", f"{backbone}.pt", f"efficientnet-{backbone}*.pth"):
+        for path in sorted(weights_dir.glob(pattern)):
+            return path
+    return None

@@ -4,8 +4,8 @@ optuna-dashboard runs as it ships (``optuna_dashboard.run_server``); this module
 sure it is pointed at a study that exists, and at the artifact store the workers wrote the
 confusion matrices and checkpoints into, so they show in each trial's artifact view.
 
-:func:`open_existing_study` and :func:`study_artifacts_dir` are shared with ``search export``:
-both read a finished study and must never create an empty one by accident.
+:func:`study_artifacts_dir` is shared with ``search export``; both open the study with
+:func:`search.status.open_existing_study`, which never creates an empty one by accident.
 """
 
 from __future__ import annotations
@@ -15,43 +15,11 @@ from pathlib import Path
 
 import optuna
 from rich.console import Console
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from search.config import StudyConfig
-from search.errors import StorageError, UserError
-from search.status import open_study
-from search.storage import normalize_url, redact
-
-
-def require_existing_storage(storage_url: str, config: StudyConfig) -> None:
-    """Fail unless the storage can hold the study already, i.e. is not about to be created.
-
-    SQLAlchemy creates a missing SQLite file on connect, which would show an empty dashboard
-    (or a confusing "study not found") for a mistyped path; we refuse instead.
-
-    Raises:
-        StorageError: The SQLite file does not exist, or the URL is in-memory SQLite.
-    """
-    url = normalize_url(storage_url)
-    if not url.startswith("sqlite"):
-        return  # server databases: open_study checks they answer
-    try:
-        database = make_url(url).database
-    except ArgumentError as error:
-        raise StorageError(f"storage URL {redact(storage_url)} is invalid: {error}") from None
-    if not database or database == ":memory:":
-        raise StorageError(f"storage {storage_url} is an in-memory SQLite database; "
-                           "it holds no study once `search run` has exited")
-    if not Path(database).is_file():
-        raise StorageError(f"no SQLite database at {database}: run `search run --study "
-                           f"{config.source}` first, or pass --storage")
-
-
-def open_existing_study(config: StudyConfig, storage_url: str) -> optuna.Study:
-    """Load the study of ``config``; a missing database or study is a one-line error."""
-    require_existing_storage(storage_url, config)
-    return open_study(config, storage_url)
+from search.errors import UserError
+from search.status import open_existing_study
+from search.storage import redact
 
 
 def study_artifacts_dir(config: StudyConfig, study: optuna.Study) -> Path:

@@ -26,5 +26,11 @@ class StorageError(UserError):
     """The study's storage cannot be reached or used."""
 
 
+class WorkersFailedError(UserError):
+    """Workers stopped with an error before the study's budget was spent."""
+
+    exit_code = 1
+
+
 class BundleError(UserError):
     """An export bundle or a prediction input is invalid."""

@@ -33,9 +33,10 @@ from torch import nn
 import models
 from search.artifacts import CHECKPOINT, load_checkpoint
 from search.config import StudyConfig
-from search.dashboard import open_existing_study, study_artifacts_dir
+from search.dashboard import study_artifacts_dir
 from search.data import Split, prepare_data
 from search.errors import UserError
+from search.status import open_existing_study
 from search.storage import redact
 from search.train import Evaluation, Speedups, evaluate
 

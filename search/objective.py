@@ -12,8 +12,9 @@ import torch
 
 import models
 from search.artifacts import upload_trial_artifacts
-from search.config import StudyConfig
+from search.config import StudyConfig, weights_file
 from search.data import PreparedData
+from search.errors import UserError
 from search.space import Categorical
 from search.storage import retrying
 from search.train import Speedups, TrialParams, train
@@ -64,7 +65,14 @@ def model_spec(params: TrialParams, data: PreparedData) -> models.ModelSpec:
 
 
 def pick_device(setting: str) -> torch.device:
-    """``auto`` takes the (first visible) GPU when there is one."""
+    """``auto`` takes the (first visible) GPU when there is one.
+
+    Raises:
+        UserError: ``cuda`` was asked for but no CUDA GPU is visible.
+    """
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = \"cuda\" but no CUDA GPU is visible here "
+                        "(CUDA_VISIBLE_DEVICES, drivers); use \"auto\" or \"cpu\"")
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -83,13 +91,12 @@ def pick_speedups(config: StudyConfig, device: torch.device) -> Speedups:
 
 
 def load_pretrained(weights_dir: Path | None, backbone: str) -> dict | None:
-    """A local state dict for ``backbone`` (``b0.pth`` or ``efficientnet-b0*.pth``), if given."""
-    if weights_dir is None:
-        return None
-    for pattern in (f"{backbone}.pth", f"{backbone}.pt", f"efficientnet-{backbone}*.pth"):
-        for path in sorted(weights_dir.glob(pattern)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    return None
+    """A local state dict for ``backbone`` (``b0.pth`` or ``efficientnet-b0*.pth``), if given.
+
+    The study file's validation already checked that every backbone of the space has one.
+    """
+    path = weights_file(weights_dir, backbone) if weights_dir is not None else None
+    return None if path is None else torch.load(path, map_location="cpu", weights_only=True)
 
 
 class Objective:
@@ -110,6 +117,10 @@ class Objective:
         try:
             return self._run(trial)
         except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            # Ctrl-C fails the trial for good (no heartbeat retry), so nothing will resume it.
+            self._resume_path(trial).unlink(missing_ok=True)
             raise
         except Exception as error:
             # Optuna logs the traceback but stores no reason; keep one line in the study.

@@ -23,6 +23,8 @@ from rich.live import Live
 
 from search.config import StudyConfig
 from search.data import prepare_data
+from search.errors import WorkersFailedError
+from search.objective import pick_device
 from search.report import best_trials_table, failures, progress
 from search.storage import check_reachable, get_storage, retrying
 
@@ -47,6 +49,16 @@ def plan_workers(config: StudyConfig, workers: int | None) -> list[WorkerPlan]:
     return [WorkerPlan(i, (i % gpus) if gpus else None, threads) for i in range(count)]
 
 
+def physical_gpu(position: int, visible: str | None) -> str:
+    """The device id to pin a worker to: position ``position`` in our own visible GPUs.
+
+    ``torch.cuda`` numbers the GPUs we can see from 0, so with ``CUDA_VISIBLE_DEVICES=2,3``
+    our GPU 1 is the machine's GPU 3, and that is what the worker must be given.
+    """
+    ids = [part.strip() for part in (visible or "").split(",") if part.strip()]
+    return ids[position] if position < len(ids) else str(position)
+
+
 def create_study(config: StudyConfig, storage_url: str, n_trials: int) -> optuna.Study:
     """Create the study (maximize val macro F1) or load it; record budget and classes."""
     check_reachable(storage_url)
@@ -63,6 +75,7 @@ def run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None = N
               workers: int | None = None, console: Console | None = None) -> optuna.Study:
     """Run (or continue) the study until its budget is spent; returns the study."""
     console = console or Console()
+    pick_device(config.train.device)  # fail before anything starts if no GPU is there
     n_trials = n_trials or config.study.n_trials
     study = create_study(config, storage_url, n_trials)
     state = progress(study, n_trials)
@@ -92,10 +105,17 @@ def run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None = N
         raise
     _fail_orphans(study, processes)
     _report_worker_errors(processes, config, console)
-    console.print(progress(study, n_trials).line())
+    final = progress(study, n_trials)
+    console.print(final.line())
     console.print(best_trials_table(study))
     for line in failures(study):
         console.print(line)
+    failed = sum(p.returncode != 0 for p in processes)
+    if failed and final.done < n_trials:
+        raise WorkersFailedError(
+            f"{failed} of {len(processes)} worker(s) stopped with an error and "
+            f"{n_trials - final.done} trial(s) of the budget are left; see the lines above, "
+            f"then `search run --study {config.source}` continues")
     return study
 
 
@@ -105,7 +125,7 @@ def _start_worker(config: StudyConfig, storage_url: str, n_trials: int,
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if plan.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(plan.gpu)
+        env["CUDA_VISIBLE_DEVICES"] = physical_gpu(plan.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     command = [sys.executable, "-m", "search", "worker", "--study", str(config.source),
                "--storage", storage_url, "--n-trials", str(n_trials),
                "--worker-index", str(plan.index), "--threads", str(plan.threads)]

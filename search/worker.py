@@ -31,7 +31,7 @@ class WorkerOptions:
     """How this worker runs; everything else comes from the study file."""
 
     storage_url: str
-    n_trials: int
+    n_trials: int | None = None  # None: the budget stored in the study (`search run` sets it)
     worker_index: int = 0
     threads: int | None = None
     timeout_s: float | None = None
@@ -87,21 +87,28 @@ def load_study(config: StudyConfig, storage_url: str, *, n_trials: int,
 
 
 def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
-    """Run trials until ``options.n_trials`` are complete or pruned; returns trials run here."""
+    """Run trials until the budget is complete or pruned; returns the trials run here.
+
+    The budget is ``options.n_trials`` when given, else the one the study holds (set by
+    ``search run --n-trials``), so a worker started by hand elsewhere shares it exactly.
+    """
     if options.threads:
         torch.set_num_threads(options.threads)
-    study = load_study(config, options.storage_url, n_trials=options.n_trials,
+    study = load_study(config, options.storage_url,
+                       n_trials=options.n_trials or config.study.n_trials,
                        worker_index=options.worker_index)
+    n_trials = options.n_trials or study.user_attrs["n_trials"]
+    device = pick_device(config.train.device)
     data = prepare_data(config)
     lock = StudyLock(options.storage_url, config.name)
     objective = Objective(data, artifact_store=create_artifact_store(config.artifacts_dir),
-                          device=pick_device(config.train.device), on_trial_start=lock.release)
+                          device=device, on_trial_start=lock.release)
     deadline = time.monotonic() + options.timeout_s if options.timeout_s else None
     ran = 0
     try:
         while deadline is None or time.monotonic() < deadline:
-            if not _claim_slot(study, lock, options.n_trials):
-                if budget_state(study, options.n_trials).spent:
+            if not _claim_slot(study, lock, n_trials):
+                if budget_state(study, n_trials).spent:
                     break
                 # Every remaining slot runs elsewhere; one may still fail and come back.
                 optuna.storages.fail_stale_trials(study)
@@ -117,7 +124,7 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
             finally:
                 lock.release()
             ran += 1
-            _check_failures(study, options.n_trials)
+            _check_failures(study, n_trials)
     finally:
         lock.close()
     return ran

@@ -94,6 +94,9 @@ def test_name_resolves_to_studies_folder(tmp_path):
         (('ops = ["flip_left_right"]', 'ops = ["melt"]'), "melt"),
         (('balance = ["oversample", "none"]', 'balance = "smote"'), "augment.balance"),
         (("resolution = 32", "resolution = 8"), "train.resolution"),
+        (("seed = 3", "seed = -1"), "study.seed"),
+        (("resolution = 32", 'resolution = 32\nimplementation = "timm"'),
+         "train.implementation: unknown implementation 'timm'"),
     ],
 )
 def test_bad_study_is_one_line_naming_the_key(tmp_path, change, expected):
@@ -112,6 +115,17 @@ def test_bad_study_is_one_line_naming_the_key(tmp_path, change, expected):
     assert "\n" not in message
     assert message.startswith(str(path))
     assert expected in message
+
+
+def test_weights_dir_must_hold_weights_for_every_backbone_of_the_space(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "efficientnet-b0-355c32eb.pth").write_bytes(b"")
+    text = good_text().replace("resolution = 32", f'resolution = 32\nweights_dir = "{weights}"')
+    with pytest.raises(ConfigError, match=r"train.weights_dir: no weights for \['b1'\]"):
+        load_study(str(write(tmp_path, text)))
+    (weights / "b1.pth").write_bytes(b"")
+    assert load_study(str(write(tmp_path, text))).train.weights_dir == weights
 
 
 def test_bad_toml_names_the_file(tmp_path):

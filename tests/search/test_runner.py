@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 import models
+from models.backbones import create_backbone
 from search.artifacts import CHECKPOINT, CONFUSION, METRICS, create_artifact_store
 from search.cli import app
 from tests.search.conftest import make_dataset, write_study
@@ -89,6 +90,8 @@ def test_two_workers_finish_the_shared_budget_exactly(workdir, tiny_data):
 def test_a_trial_that_raises_fails_with_its_reason_and_the_study_goes_on(workdir, tiny_data):
     weights = workdir / "weights"
     weights.mkdir()
+    b0 = create_backbone("b0", implementation="efficientnet-pytorch", image_size=32)
+    torch.save(dict(b0.net.state_dict()), weights / "b0.pth")  # a usable local checkpoint
     (weights / "b1.pth").write_bytes(b"not a checkpoint")  # b1 trials crash when loading it
     study_file = write_study(workdir, tiny_data, n_trials=3, epochs=1)
     text = study_file.read_text().replace('backbone = ["b0"]', 'backbone = ["b0", "b1"]')
@@ -102,6 +105,29 @@ def test_a_trial_that_raises_fails_with_its_reason_and_the_study_goes_on(workdir
     assert failed and all(t.params["backbone"] == "b1" for t in failed)
     assert all(t.user_attrs["fail_reason"] for t in failed)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_a_worker_started_by_hand_keeps_to_the_budget_the_study_holds(workdir, tiny_data):
+    study_file = write_study(workdir, tiny_data, n_trials=4, epochs=1, fusion='["none"]')
+    run("--study", str(study_file), "--n-trials", "1")  # the study now holds a budget of 1
+    assert load().user_attrs["n_trials"] == 1
+    joined = runner.invoke(app, ["worker", "--study", str(study_file)])
+    assert joined.exit_code == 0, joined.output
+    assert "ran 0 trial(s)" in joined.output  # not the study file's 4
+    assert len(load().get_trials()) == 1
+
+
+def test_run_fails_when_its_workers_stop_with_the_budget_unspent(workdir, tiny_data):
+    weights = workdir / "weights"
+    weights.mkdir()
+    (weights / "b0.pth").write_bytes(b"not a checkpoint")  # every trial raises
+    study_file = write_study(workdir, tiny_data, n_trials=2, epochs=1, fusion='["none"]')
+    study_file.write_text(study_file.read_text().replace(
+        "threads = 1", f'threads = 1\nweights_dir = "{weights}"'))
+    result = runner.invoke(app, ["run", "--study", str(study_file)])
+    assert result.exit_code == 1, result.output
+    assert "worker(s) stopped with an error" in result.output
+    assert "trials raised an error" in result.output  # the worker's own reason is shown too
 
 
 def test_hyperband_prunes_poor_trials(workdir):
