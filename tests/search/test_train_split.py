@@ -38,3 +38,46 @@ def test_online_off_gives_the_cached_pixels(workdir):
     path.write_text(text)
     first, second = batches(load_study(str(path)), seed=3)
     assert torch.equal(first, second)
+
+
+def dihedral_keys(image: np.ndarray) -> set[bytes]:
+    """The bytes of every flip and quarter turn of ``image`` ([H, W, C])."""
+    turns = [np.rot90(image, k, axes=(0, 1)) for k in range(4)]
+    return {np.ascontiguousarray(t).tobytes() for t in turns + [t[:, ::-1] for t in turns]}
+
+
+def test_oversampled_training_set_holds_no_val_or_test_sample(workdir):
+    data = make_dataset(workdir / "data", counts={"red": 14, "green": 6, "yellow": 4})
+    path = write_study(workdir, data)  # no val/test folders: both are split off train
+    prepared = prepare_data(load_study(str(path)))
+    split, _ = prepared.train_split("oversample", seed=0)
+    assert len(split) > len(prepared.arrays["train"])  # copies were made
+    held_out = set()
+    for name in ("val", "test"):
+        for image in prepared.arrays[name].images["rgb"]:
+            held_out |= dihedral_keys(np.asarray(image))
+    trained = {np.ascontiguousarray(image).tobytes() for image in split.images["rgb"]}
+    assert not trained & held_out
+    train_ids = set(prepared.arrays["train"].ids)
+    held_out_ids = set(prepared.arrays["val"].ids) | set(prepared.arrays["test"].ids)
+    assert held_out_ids and not train_ids & held_out_ids
+
+
+def test_balanced_set_is_built_once_and_rebuilt_when_a_file_changes(workdir, monkeypatch):
+    import augment
+
+    data = make_dataset(workdir / "data", counts={"red": 10, "green": 4, "yellow": 4})
+    config = load_study(str(write_study(workdir, data)))
+    builds = []
+    real = augment.balance
+    monkeypatch.setattr(augment, "balance", lambda *a, **k: builds.append(1) or real(*a, **k))
+    first, _ = prepare_data(config).train_split("oversample")
+    again, _ = prepare_data(config).train_split("oversample")
+    assert len(builds) == 1
+    np.testing.assert_array_equal(first.images["rgb"], again.images["rgb"])
+    changed = next((data / "train" / "rgb" / "green").iterdir())
+    changed.write_bytes((data / "train" / "rgb" / "green" / "green0.png").read_bytes()
+                        if changed.name != "green0.png"
+                        else (data / "train" / "rgb" / "green" / "green1.png").read_bytes())
+    prepare_data(config).train_split("oversample")
+    assert len(builds) == 2
