@@ -1,9 +1,10 @@
 """Benchmark: Augmentor's generation rate when balancing, and cold vs cached balanced sets.
 
-Self-contained: it synthesises a random, imbalanced rgb + depth training split in memory,
-balances it with ``augment.balance("oversample", ...)``, then compares a cold run (generate and
-``np.save``) with a cached reload (``np.load(mmap_mode="r")``), the way ``search`` caches the
-balanced set between trials.
+First on a random, imbalanced rgb + depth split synthesised in memory: the generation rate
+of ``augment.balance("oversample", ...)``, per op, and a cold run (generate and ``np.save``)
+against a reload (``np.load(mmap_mode="r")``). Then on the demo apples through ``search``'s
+own cache: the balanced training set built cold, then found by a fresh ``prepare_data`` as a
+later trial or another worker would (``--no-demo`` skips this part).
 
     .venv/bin/python bench/augment.py
     .venv/bin/python bench/augment.py --resolution 128 --per-class 300,120,60,30,15 --ops zoom,skew
@@ -85,11 +86,44 @@ def read_all(arrays: dict[str, np.ndarray]) -> int:
     return sum(int(np.asarray(array).sum()) for array in arrays.values())
 
 
+def demo_cold_vs_cached(resolution: int, ops: list[str]) -> None:
+    """Balance the demo apples' training split through ``search``'s own cache, cold then warm.
+
+    Cold: Augmentor generates the copies and ``cached_arrays`` stores them; warm: a fresh
+    ``prepare_data`` (as a later trial or another worker would) finds and maps them.
+    """
+    from search.config import parse_study
+    from search.data import prepare_data
+
+    with tempfile.TemporaryDirectory(prefix="bench-augment-") as tmp:
+        raw = {"study": {"name": "bench"},
+               "data": {"root": f"{tmp}/apples", "demo": "apples", "modalities": ["rgb", "depth"],
+                        "cache_dir": f"{tmp}/cache"},
+               "augment": {"balance": "oversample", "ops": ops},
+               "train": {"resolution": resolution}}
+        config = parse_study(raw, Path(tmp) / "bench.toml")
+        data = prepare_data(config)  # generates the demo set and decodes it (not timed)
+        train = data.arrays["train"]
+        (split, _), cold_s = timed(data.train_split, "oversample")
+        copies = len(split) - len(train)
+        (again, _), warm_s = timed(prepare_data(config).train_split, "oversample")
+        assert np.array_equal(split.images["rgb"], again.images["rgb"])
+        _, read_s = timed(read_all, again.images)
+        print(f"demo apples, training split {len(train)} -> {len(split)} rows "
+              f"({np.bincount(split.labels).tolist()}), {resolution}px rgb + depth:")
+        print(f"  cold (Augmentor {copies} copies + store): {cold_s:.2f} s = "
+              f"{2 * copies / cold_s:.0f} images/s")
+        speedup = cold_s / (warm_s + read_s)
+        print(f"  cached (fresh prepare_data + open): {warm_s * 1e3:.0f} ms, "
+              f"+ read every byte {read_s * 1e3:.0f} ms -> {speedup:.0f}x faster")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     parser.add_argument("--per-class", default="300,120,60,30,15", help="rows per class")
     parser.add_argument("--ops", default=DEFAULT_OPS, help="comma-separated augment ops")
+    parser.add_argument("--no-demo", action="store_true", help="skip the demo-set part")
     args = parser.parse_args(argv)
 
     augment = import_augment()
@@ -118,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cold (generate + np.save, {size_mb:.1f} MB): {cold_s:.3f} s")
         print(f"cached np.load(mmap_mode='r'): open {open_s * 1e3:.2f} ms, "
               f"open + read every byte {warm_s * 1e3:.1f} ms -> {cold_s / warm_s:.0f}x faster")
+    if not args.no_demo:
+        demo_cold_vs_cached(args.resolution, ops)
 
 
 if __name__ == "__main__":

@@ -26,15 +26,18 @@ SMALL: dict[str, Any] = {
 
 
 def fusion_cases() -> list[Any]:
-    """Every registered fusion x every second modality it accepts (x every late rule)."""
+    """Every registered fusion x every second modality it accepts (x every late rule), on
+    every registered backbone implementation."""
     cases = []
-    for fusion in models.list_fusions():
-        modalities = sorted(models.fusion_accepts(fusion), key=lambda m: m or "")
-        rules = models.LATE_RULES if fusion == "late" else ("mean",)
-        for modality in modalities:
-            for rule in rules:
-                name = f"{fusion}-{modality}" + (f"-{rule}" if fusion == "late" else "")
-                cases.append(pytest.param((fusion, modality, rule), id=name))
+    for implementation in models.list_implementations():
+        for fusion in models.list_fusions():
+            modalities = sorted(models.fusion_accepts(fusion), key=lambda m: m or "")
+            rules = models.LATE_RULES if fusion == "late" else ("mean",)
+            for modality in modalities:
+                for rule in rules:
+                    name = f"{fusion}-{modality}" + (f"-{rule}" if fusion == "late" else "")
+                    name += "" if implementation == "efficientnet-pytorch" else f"-{implementation}"
+                    cases.append(pytest.param((fusion, modality, rule, implementation), id=name))
     return cases
 
 
@@ -56,9 +59,10 @@ def small_spec() -> Callable[..., models.ModelSpec]:
 
 
 @pytest.fixture
-def case_spec(case: tuple[str, str | None, str], small_spec) -> models.ModelSpec:
-    fusion, modality, rule = case
-    return small_spec(fusion=fusion, modality=modality, late_rule=rule)
+def case_spec(case: tuple[str, str | None, str, str], small_spec) -> models.ModelSpec:
+    fusion, modality, rule, implementation = case
+    return small_spec(fusion=fusion, modality=modality, late_rule=rule,
+                      implementation=implementation)
 
 
 @pytest.fixture
