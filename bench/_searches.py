@@ -24,7 +24,7 @@ from search.config import StudyConfig, parse_study, resolve_study_path
 from search.export import load_test_split, load_trial_model
 from search.objective import Objective, pick_device, pick_speedups
 from search.train import evaluate
-from search.worker import WorkerOptions, make_sampler, run_worker
+from search.worker import WorkerOptions, run_worker
 
 
 @dataclass
@@ -105,15 +105,17 @@ def run_default(label: str, config: StudyConfig) -> SearchRun:
 
 
 def run_plain(label: str, config: StudyConfig) -> SearchRun:
-    """The plain approach: the same sampler and trials, but full-length training, no pruning,
-    files decoded every epoch and augmentation on the fly (see :mod:`bench._plain`)."""
+    """The plain approach: Optuna's default TPE, full-length training, no pruning, files
+    decoded every epoch and augmentation on the fly (see :mod:`bench._plain`)."""
     storage_url = config.storage_url()
     Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     started = datetime.now()
     tick = time.perf_counter()
     data = load_plain_data(config)
+    # A hand-written script's sampler: Optuna's TPE with its defaults, seeded like ours.
     study = optuna.create_study(study_name=config.name, storage=storage_url,
-                                direction="maximize", sampler=make_sampler(config, 0),
+                                direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=config.study.seed),
                                 pruner=optuna.pruners.NopPruner())
     objective = Objective(data, artifact_store=create_artifact_store(config.artifacts_dir),
                           device=pick_device(config.train.device))

@@ -131,7 +131,7 @@ class TrainConfig(_Section):
 
 
 class PrunerConfig(_Section):
-    kind: Literal["hyperband", "median", "none"] = "hyperband"
+    kind: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
     min_resource: Annotated[int, Field(gt=0)] = 1
     reduction_factor: Annotated[int, Field(ge=2)] = 3
     n_startup_trials: Annotated[int, Field(ge=0)] = 4

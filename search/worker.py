@@ -54,6 +54,9 @@ def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(
             min_resource=pruner.min_resource, max_resource=config.train.epochs,
             reduction_factor=pruner.reduction_factor)
+    if pruner.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=pruner.min_resource, reduction_factor=pruner.reduction_factor)
     if pruner.kind == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps)

@@ -100,7 +100,7 @@ def test_plain_trials_train_full_length_and_ours_may_stop_early(workdir):
     assert [t.state for t in a.finished] == [TrialState.COMPLETE] * 2
     assert [len(t.intermediate_values) for t in a.finished] == [3, 3]
     assert len(b.finished) == 2 and b.epochs <= a.epochs
-    # Same sampler and seed: both searches train the same configurations first.
+    # Samplers seeded alike: both searches start with the same random configuration.
     assert a.finished[0].params == b.finished[0].params
     assert not (workdir / "plain" / "cache").exists()  # the plain approach caches nothing
     assert (workdir / "ours" / "cache").is_dir()

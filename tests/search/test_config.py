@@ -154,3 +154,15 @@ def test_storage_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("SEARCH_STORAGE", "sqlite:///env.db")
     assert config.storage_url() == "sqlite:///env.db"
     assert config.storage_url("sqlite:///flag.db") == "sqlite:///flag.db"
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("hyperband", "HyperbandPruner"), ("successive_halving", "SuccessiveHalvingPruner"),
+    ("median", "MedianPruner"), ("none", "NopPruner"),
+])
+def test_every_pruner_kind_makes_optunas_pruner(tmp_path, kind, expected):
+    from search.worker import make_pruner
+
+    text = good_text() + f'\n[pruner]\nkind = "{kind}"\nmin_resource = 2\n'
+    pruner = make_pruner(load_study(str(write(tmp_path, text))))
+    assert type(pruner).__name__ == expected
