@@ -105,3 +105,17 @@ def test_plain_trials_train_full_length_and_ours_may_stop_early(workdir):
     assert not (workdir / "plain" / "cache").exists()  # the plain approach caches nothing
     assert (workdir / "ours" / "cache").is_dir()
     assert 0.0 <= a.test_scores()[0] <= 1.0  # scoring builds the test split's cache afterwards
+
+
+def test_replay_stops_early_prunes_and_times_the_target():
+    from bench.replay_pruners import Curve, replay
+
+    curves = [Curve([0.1, 0.5, 0.4, 0.4, 0.4], 1.0), Curve([0.2, 0.3, 0.9, 0.95, 0.96], 2.0)]
+    assert replay(curves, optuna.pruners.NopPruner(), 10**6, 0.9) == (15.0, 10, 0.96, 15.0)
+    # Patience 2: the first curve stops two epochs after its best (epoch 1).
+    seconds, epochs, best, reached = replay(curves, optuna.pruners.NopPruner(), 2, 0.9)
+    assert (seconds, epochs, best, reached) == (14.0, 9, 0.96, 14.0)  # at the trial's end
+    # A pruner that stops every trial after its first report leaves no complete trial.
+    always = optuna.pruners.ThresholdPruner(lower=2.0)
+    seconds, epochs, best, reached = replay(curves, always, 10**6, 0.9)
+    assert (seconds, epochs, reached) == (3.0, 2, None) and best != best

@@ -1,0 +1,114 @@
+"""Replay the full learning curves of a plain search under candidate pruners.
+
+A plain search (``bench/search_efficiency.py --workdir DIR`` keeps them in
+``DIR/plain-<seed>/study.db``) trains every trial for every epoch, so its studies hold each
+trial's whole validation curve. This script feeds those curves, trial by trial, to Optuna's
+own pruners (and to early stopping) and prints how much training each would have saved and
+how soon it would have reached the plain search's best F1 - 0.01. It cannot replay the
+sampler: a real search with pruning would sample other trials after the first pruned one.
+That is why the default study's pruner was picked with it, and then measured for real.
+
+    .venv/bin/python -m bench.replay_pruners /tmp/eff/plain-0/study.db /tmp/eff/plain-1/study.db
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+MARGIN = 0.01
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One plain trial: its validation macro F1 per epoch and seconds per epoch."""
+
+    values: list[float]
+    epoch_s: float
+
+
+def candidates() -> dict[str, tuple[optuna.pruners.BasePruner, int]]:
+    """Pruner and early-stopping patience per candidate (12-epoch trials)."""
+    sha, hb, median = (optuna.pruners.SuccessiveHalvingPruner, optuna.pruners.HyperbandPruner,
+                       optuna.pruners.MedianPruner)
+    return {
+        "none, no early stopping": (optuna.pruners.NopPruner(), 10**6),
+        "early stopping (patience 5)": (optuna.pruners.NopPruner(), 5),
+        "hyperband 3/3 + es5": (hb(min_resource=3, max_resource=12, reduction_factor=3), 5),
+        "hyperband 4/2 + es5": (hb(min_resource=4, max_resource=12, reduction_factor=2), 5),
+        "successive halving 3/3 + es5": (sha(min_resource=3, reduction_factor=3), 5),
+        "successive halving 4/3 + es5": (sha(min_resource=4, reduction_factor=3), 5),
+        "successive halving 4/3 + es3": (sha(min_resource=4, reduction_factor=3), 3),
+        "successive halving 6/2 + es5": (sha(min_resource=6, reduction_factor=2), 5),
+        "median (warm-up 4) + es5": (median(n_startup_trials=3, n_warmup_steps=4), 5),
+        "median (warm-up 6) + es5": (median(n_startup_trials=3, n_warmup_steps=6), 5),
+    }
+
+
+def load_curves(path: str) -> list[Curve]:
+    """The COMPLETE trials of the study in the SQLite file ``path``, in trial order."""
+    storage = f"sqlite:///{path}"
+    name = optuna.get_all_study_names(storage)[0]
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(
+        states=(TrialState.COMPLETE,))
+    curves = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        values = [trial.intermediate_values[k] for k in sorted(trial.intermediate_values)]
+        curves.append(Curve(values, trial.duration.total_seconds() / len(values)))
+    return curves
+
+
+def replay(curves: list[Curve], pruner: optuna.pruners.BasePruner, patience: int,
+           target: float) -> tuple[float, int, float, float | None]:
+    """Seconds, epochs and best F1 of the replayed search, and seconds to reach ``target``."""
+    study = optuna.create_study(study_name="replay", direction="maximize", pruner=pruner)
+    seconds, epochs, reached = 0.0, 0, None
+    for curve in curves:
+        trial = study.ask()
+        best, best_epoch, pruned = -1.0, -1, False
+        for epoch, value in enumerate(curve.values):
+            seconds += curve.epoch_s
+            epochs += 1
+            trial.report(value, epoch)
+            if value > best:
+                best, best_epoch = value, epoch
+            if trial.should_prune():
+                pruned = True
+                break
+            if epoch - best_epoch >= patience:
+                break
+        if pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        study.tell(trial, best)
+        if reached is None and best >= target:
+            reached = seconds
+    best_value = max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))),
+                     default=float("nan"))
+    return seconds, epochs, best_value, reached
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("studies", nargs="+", help="SQLite files of plain searches")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for path in args.studies:
+        curves = load_curves(path)
+        target = max(max(c.values) for c in curves) - MARGIN
+        full_s, _, _, plain_reached = replay(curves, optuna.pruners.NopPruner(), 10**6, target)
+        print(f"\n{path}: {len(curves)} trials, target {target:.4f}, plain {full_s:.0f} s, "
+              f"reached after {plain_reached:.0f} s")
+        print("| candidate | time share | epochs | best val F1 | time to target / plain's |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, (pruner, patience) in candidates().items():
+            seconds, epochs, best, reached = replay(curves, pruner, patience, target)
+            ratio = f"{reached / plain_reached:.2f}" if reached is not None else "missed"
+            print(f"| {name} | {seconds / full_s:.2f} | {epochs} | {best:.4f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
