@@ -30,15 +30,15 @@ class Curve:
     epoch_s: float
 
 
-def candidates() -> dict[str, tuple[optuna.pruners.BasePruner, int]]:
-    """Pruner and early-stopping patience per candidate (12-epoch trials)."""
+def candidates(epochs: int) -> dict[str, tuple[optuna.pruners.BasePruner, int]]:
+    """Pruner and early-stopping patience per candidate, for trials of ``epochs`` epochs."""
     sha, hb, median = (optuna.pruners.SuccessiveHalvingPruner, optuna.pruners.HyperbandPruner,
                        optuna.pruners.MedianPruner)
     return {
         "none, no early stopping": (optuna.pruners.NopPruner(), 10**6),
         "early stopping (patience 5)": (optuna.pruners.NopPruner(), 5),
-        "hyperband 3/3 + es5": (hb(min_resource=3, max_resource=12, reduction_factor=3), 5),
-        "hyperband 4/2 + es5": (hb(min_resource=4, max_resource=12, reduction_factor=2), 5),
+        "hyperband 3/3 + es5": (hb(min_resource=3, max_resource=epochs, reduction_factor=3), 5),
+        "hyperband 4/2 + es5": (hb(min_resource=4, max_resource=epochs, reduction_factor=2), 5),
         "successive halving 3/3 + es5": (sha(min_resource=3, reduction_factor=3), 5),
         "successive halving 4/3 + es5": (sha(min_resource=4, reduction_factor=3), 5),
         "successive halving 4/3 + es3": (sha(min_resource=4, reduction_factor=3), 3),
@@ -104,7 +104,8 @@ def main() -> None:
               f"reached after {plain_reached:.0f} s")
         print("| candidate | time share | epochs | best val F1 | time to target / plain's |")
         print("| --- | --- | --- | --- | --- |")
-        for name, (pruner, patience) in candidates().items():
+        epochs = max(len(c.values) for c in curves)
+        for name, (pruner, patience) in candidates(epochs).items():
             seconds, epochs, best, reached = replay(curves, pruner, patience, target)
             ratio = f"{reached / plain_reached:.2f}" if reached is not None else "missed"
             print(f"| {name} | {seconds / full_s:.2f} | {epochs} | {best:.4f} | {ratio} |")

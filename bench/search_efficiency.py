@@ -27,6 +27,7 @@ from pathlib import Path
 import optuna
 
 from bench._searches import SearchRun, mean, plain_overrides, run_default, run_plain, study_config
+from search.demo import ensure_demo
 
 MARGIN = 0.01
 
@@ -49,6 +50,7 @@ def compare(study: str, seed: int, workdir: Path, n_trials: int | None,
                         train={"epochs": epochs} if epochs else {})
     plain = study_config(study, workdir, f"plain-{seed}", **common,
                          **plain_overrides(ours.train.epochs))
+    ensure_demo(plain.data, seed=seed)  # once, outside both timings
     print(f"seed {seed}: (a) plain, {plain.study.n_trials} trials x {plain.train.epochs} epochs",
           flush=True)
     a = run_plain("plain", plain)

@@ -32,8 +32,10 @@ StudyOption = Annotated[str, typer.Option(
 StorageOption = Annotated[str | None, typer.Option(
     "--storage", help="Storage URL; overrides SEARCH_STORAGE and the study file.")]
 TrialsOption = Annotated[int | None, typer.Option(
-    min=1, help="Trial budget, complete + pruned (default: the budget the study holds, "
-    "else the study file's n_trials).")]
+    min=1, help="Trial budget, complete + pruned (default: the study file's n_trials).")]
+WorkerTrialsOption = Annotated[int | None, typer.Option(
+    "--n-trials", min=1, help="Trial budget, complete + pruned (default: the budget the "
+    "study holds, else the study file's n_trials).")]
 WorkersOption = Annotated[int | None, typer.Option(
     min=1, help="Worker processes (default: one per GPU, else the study file's workers).")]
 
@@ -72,7 +74,7 @@ def run(
 def worker(
     study: StudyOption,
     storage: StorageOption = None,
-    n_trials: TrialsOption = None,
+    n_trials: WorkerTrialsOption = None,
     worker_index: Annotated[int, typer.Option(min=0, help="Seeds this worker's sampler.")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for PyTorch.")] = None,
 ) -> None:

@@ -81,7 +81,7 @@ def pick_device(setting: str) -> torch.device:
 def pick_speedups(config: StudyConfig, device: torch.device) -> Speedups:
     """channels_last and autocast where the device gains from them (see bench/README.md).
 
-    channels_last trained 1.0-1.5x faster on a 2-core CPU at 32-224 px (never slower), and
+    channels_last trained 1.0-2.0x faster on a 2-core CPU at 32-224 px (never slower), and
     is the layout GPU convolutions prefer, so ``auto`` turns it on everywhere. Autocast is
     on for GPUs only: bf16 is emulated on most CPUs and trained 3-15x slower there.
     """

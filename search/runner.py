@@ -91,7 +91,8 @@ def run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None = N
                   + ", ".join(f"{name} {len(a.labels)}" for name, a in data.arrays.items()))
     plans = plan_workers(config, workers)
     console.print(f"starting {len(plans)} worker(s) on "
-                  + ("GPU " + ",".join(str(p.gpu) for p in plans) if plans[0].gpu is not None
+                  + ("GPU " + ",".join(physical_gpu(p.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
+                              for p in plans) if plans[0].gpu is not None
                      else f"CPU ({plans[0].threads} threads each)")
                   + f"; logs in {config.run_dir / 'logs'}")
     processes = [_start_worker(config, storage_url, n_trials, plan) for plan in plans]

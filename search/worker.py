@@ -97,11 +97,11 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     """
     if options.threads:
         torch.set_num_threads(options.threads)
+    device = pick_device(config.train.device)  # before touching the storage
     study = load_study(config, options.storage_url,
                        n_trials=options.n_trials or config.study.n_trials,
                        worker_index=options.worker_index)
     n_trials = options.n_trials or study.user_attrs["n_trials"]
-    device = pick_device(config.train.device)
     data = prepare_data(config)
     lock = StudyLock(options.storage_url, config.name)
     objective = Objective(data, artifact_store=create_artifact_store(config.artifacts_dir),
