@@ -68,6 +68,16 @@ def per_op_rates(augment: ModuleType, images: dict, ops: list[str]) -> None:
         print(f"  {op:<18} {PER_OP_ROWS / seconds:8.0f} copies/s")
 
 
+def flip_batch_cost(augment: ModuleType, resolution: int, repeats: int = 200) -> None:
+    """Print what the per-batch flips and turns (``augment.online``) cost a batch of 32."""
+    images, _ = synthesise([32], resolution)
+    rng = np.random.default_rng(0)
+    _, seconds = timed(lambda: [augment.flip_batch(images, augment.ONLINE_OPS, rng)
+                                for _ in range(repeats)])
+    print(f"per-batch flips and quarter turns (augment.flip_batch), batch of 32 rgb + depth: "
+          f"{seconds / repeats * 1e3:.2f} ms")
+
+
 def save_arrays(folder: Path, balanced: Any) -> None:
     """Write the balanced set the way a cache would: one ``.npy`` per array."""
     for name, array in balanced.images.items():
@@ -152,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cold (generate + np.save, {size_mb:.1f} MB): {cold_s:.3f} s")
         print(f"cached np.load(mmap_mode='r'): open {open_s * 1e3:.2f} ms, "
               f"open + read every byte {warm_s * 1e3:.1f} ms -> {cold_s / warm_s:.0f}x faster")
+    flip_batch_cost(augment, args.resolution)
     if not args.no_demo:
         demo_cold_vs_cached(args.resolution, ops)
 
