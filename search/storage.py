@@ -23,7 +23,7 @@ import sqlalchemy
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -163,6 +163,18 @@ def retrying(call: Callable[..., T], *args: Any, attempts: int = 6, first_wait_s
     return call(*args, **kwargs)
 
 
+def _failed_ping_is_a_disconnect(context: ExceptionContext) -> None:
+    """A pooled connection that cannot answer the pre-ping is dead, whatever the driver says.
+
+    psycopg reports a socket the server closed in the middle of a statement as "can't change
+    'autocommit' now: connection in transaction status ACTIVE", a ProgrammingError that
+    SQLAlchemy does not count as a disconnect, so the pool would keep handing out the dead
+    connection. Marked as a disconnect, the pool drops it and connects afresh.
+    """
+    if context.is_pre_ping:
+        context.is_disconnect = True
+
+
 def _retried(method: Callable[..., T]) -> Callable[..., T]:
     """Wrap an idempotent RDBStorage method so it waits out a database outage."""
 
@@ -190,6 +202,7 @@ class ResilientRDBStorage(RDBStorage):
         self.retry_policy = retry or RetryPolicy()
         self.description = redact(url)
         super().__init__(url, **kwargs)
+        sqlalchemy.event.listen(self.engine, "handle_error", _failed_ping_is_a_disconnect)
 
     get_study_id_from_name = _retried(RDBStorage.get_study_id_from_name)
     get_study_name_from_id = _retried(RDBStorage.get_study_name_from_id)
