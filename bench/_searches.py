@@ -6,10 +6,12 @@ folder, so runs neither share cached arrays nor see each other's trials.
 
 from __future__ import annotations
 
+import argparse
 import time
 import tomllib
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,9 @@ class SearchRun:
     started: datetime
     wall_s: float
 
-    @property
+    @cached_property
     def finished(self) -> list[FrozenTrial]:
-        """COMPLETE and PRUNED trials, in the order they finished."""
+        """COMPLETE and PRUNED trials, in the order they finished (read once: the run is over)."""
         trials = [t for t in self.study.get_trials(deepcopy=False)
                   if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         return sorted(trials, key=lambda t: t.datetime_complete)
@@ -131,3 +133,25 @@ def plain_overrides(epochs: int) -> dict[str, dict[str, Any]]:
 def mean(values: list[float]) -> float:
     finite = [v for v in values if v == v]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+def search_parser(description: str, *, seeds: str, trials_help: str) -> argparse.ArgumentParser:
+    """The options every search benchmark takes: study, seeds, budget, epochs, work folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--study", default="apples", help="study name or path (default apples)")
+    parser.add_argument("--seeds", default=seeds, help="comma-separated seeds")
+    parser.add_argument("--n-trials", type=int, help=f"{trials_help} (default: the study's)")
+    parser.add_argument("--epochs", type=int, help="epochs per trial (default: the study's)")
+    parser.add_argument("--workdir", type=Path, help="keep studies here (default: a temp dir)")
+    return parser
+
+
+def print_table(header: list[str], lines: list[list[str]]) -> None:
+    """Print a Markdown table with aligned columns."""
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    print()
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for line in lines:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |",
+              flush=True)

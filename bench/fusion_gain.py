@@ -17,18 +17,12 @@ from pathlib import Path
 
 import optuna
 
-from bench._searches import mean, run_default, study_config
-from bench.search_efficiency import print_table
+from bench._searches import mean, print_table, run_default, search_parser, study_config
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", default="apples", help="study name or path (default apples)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--n-trials", type=int, help="trials per fusion (default: the study's)")
-    parser.add_argument("--epochs", type=int, help="epochs per trial (default: the study's)")
+    parser = search_parser(__doc__.splitlines()[0], seeds="0", trials_help="trials per fusion")
     parser.add_argument("--fusions", help="comma-separated (default: the study's space)")
-    parser.add_argument("--workdir", type=Path, help="keep studies here (default: a temp dir)")
     return parser.parse_args()
 
 

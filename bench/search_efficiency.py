@@ -26,19 +26,23 @@ from pathlib import Path
 
 import optuna
 
-from bench._searches import SearchRun, mean, plain_overrides, run_default, run_plain, study_config
+from bench._searches import (
+    SearchRun,
+    mean,
+    plain_overrides,
+    print_table,
+    run_default,
+    run_plain,
+    search_parser,
+    study_config,
+)
 from search.demo import ensure_demo
 
 MARGIN = 0.01
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", default="apples", help="study name or path (default apples)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--n-trials", type=int, help="trial budget (default: the study's)")
-    parser.add_argument("--epochs", type=int, help="epochs per trial (default: the study's)")
-    parser.add_argument("--workdir", type=Path, help="keep studies here (default: a temp dir)")
+    parser = search_parser(__doc__.splitlines()[0], seeds="0,1,2", trials_help="trial budget")
     return parser.parse_args()
 
 
@@ -98,16 +102,6 @@ def main() -> None:
     print(f"\nmean (b)/(a) to reach (a)'s best - {MARGIN}: time {mean(time_ratios):.2f}, "
           f"epochs {mean(epoch_ratios):.2f} over {len(seeds) - misses} seed(s); "
           f"(b) missed the target in {misses} of {len(seeds)}")
-
-
-def print_table(header: list[str], lines: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
-    print()
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for line in lines:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |",
-              flush=True)
 
 
 if __name__ == "__main__":
