@@ -16,6 +16,10 @@ shows "-" and counts as a miss.
     .venv/bin/python -m bench.search_efficiency                       # apples, 3 seeds
     .venv/bin/python -m bench.search_efficiency --n-trials 8 --epochs 8 --seeds 0,1,2
     .venv/bin/python -m bench.search_efficiency --study path/to/study.toml --seeds 0
+    .venv/bin/python -m bench.search_efficiency --without-start   # + (c): (b) minus start_with
+
+``--without-start`` adds (c), our search with ``[sampler] start_with`` emptied, to show how
+much of (b)'s lead the start points give and how much the rest of the defaults give.
 """
 
 from __future__ import annotations
@@ -43,24 +47,31 @@ MARGIN = 0.01
 
 def parse_args() -> argparse.Namespace:
     parser = search_parser(__doc__.splitlines()[0], seeds="0,1,2", trials_help="trial budget")
+    parser.add_argument("--without-start", action="store_true",
+                        help="also run (c): ours without the study's [sampler] start_with")
     return parser.parse_args()
 
 
 def compare(study: str, seed: int, workdir: Path, n_trials: int | None,
-            epochs: int | None) -> tuple[SearchRun, SearchRun]:
-    """Run (a) then (b) for one seed; returns both runs."""
-    common = {"study": {"seed": seed, **({"n_trials": n_trials} if n_trials else {})}}
-    ours = study_config(study, workdir, f"ours-{seed}", **common,
-                        train={"epochs": epochs} if epochs else {})
-    plain = study_config(study, workdir, f"plain-{seed}", **common,
+            epochs: int | None, without_start: bool) -> list[SearchRun]:
+    """Run (a), (b) and optionally (c) for one seed; returns the runs in that order."""
+    common = {"study": {"seed": seed, **({"n_trials": n_trials} if n_trials else {})},
+              "train": {"epochs": epochs} if epochs else {}}
+    ours = study_config(study, workdir, f"ours-{seed}", **common)
+    plain = study_config(study, workdir, f"plain-{seed}", study=common["study"],
                          **plain_overrides(ours.train.epochs))
-    ensure_demo(plain.data, seed=seed)  # once, outside both timings
+    ensure_demo(plain.data, seed=seed)  # once, outside every timing
     print(f"seed {seed}: (a) plain, {plain.study.n_trials} trials x {plain.train.epochs} epochs",
           flush=True)
-    a = run_plain("plain", plain)
+    runs = [run_plain("plain", plain)]
     print(f"seed {seed}: (b) ours", flush=True)
-    b = run_default("ours", ours)
-    return a, b
+    runs.append(run_default("ours", ours))
+    if without_start:
+        print(f"seed {seed}: (c) ours without start points", flush=True)
+        bare = study_config(study, workdir, f"bare-{seed}", **common,
+                            sampler={"start_with": []})
+        runs.append(run_default("ours, no start", bare))
+    return runs
 
 
 def row(seed: int, run: SearchRun, target: float) -> tuple[list[str], tuple[float, int] | None]:
@@ -83,25 +94,32 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     header = ["seed", "search", "best val F1", "test F1 (best)", "epochs", "wall s",
               "s to target", "epochs to target"]
-    lines, time_ratios, epoch_ratios = [], [], []
+    lines: list[list[str]] = []
+    ratios: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="fs-efficiency-") as temp:
         workdir = args.workdir or Path(temp)
         for seed in seeds:
-            a, b = compare(args.study, seed, workdir, args.n_trials, args.epochs)
-            target = a.best_value - MARGIN
-            cells_a, reached_a = row(seed, a, target)
-            cells_b, reached_b = row(seed, b, target)
-            time_ratios.append(ratio(reached_b, reached_a, 0))
-            epoch_ratios.append(ratio(reached_b, reached_a, 1))
-            lines += [cells_a, cells_b,
-                      [str(seed), "(b)/(a)", f"target {target:.4f}", "",
-                       f"{b.epochs / max(1, a.epochs):.2f}", f"{b.wall_s / a.wall_s:.2f}",
-                       f"{time_ratios[-1]:.2f}", f"{epoch_ratios[-1]:.2f}"]]
+            plain, *others = compare(args.study, seed, workdir, args.n_trials, args.epochs,
+                                     args.without_start)
+            target = plain.best_value - MARGIN
+            cells, reached_plain = row(seed, plain, target)
+            lines.append(cells)
+            for run in others:
+                cells, reached = row(seed, run, target)
+                pair = (ratio(reached, reached_plain, 0), ratio(reached, reached_plain, 1))
+                ratios.setdefault(run.label, []).append(pair)
+                lines += [cells,
+                          [str(seed), f"({run.label})/(plain)", f"target {target:.4f}", "",
+                           f"{run.epochs / max(1, plain.epochs):.2f}",
+                           f"{run.wall_s / plain.wall_s:.2f}", f"{pair[0]:.2f}", f"{pair[1]:.2f}"]]
             print_table(header, lines)
-    misses = sum(r != r for r in time_ratios)
-    print(f"\nmean (b)/(a) to reach (a)'s best - {MARGIN}: time {mean(time_ratios):.2f}, "
-          f"epochs {mean(epoch_ratios):.2f} over {len(seeds) - misses} seed(s); "
-          f"(b) missed the target in {misses} of {len(seeds)}")
+    for label, pairs in ratios.items():
+        times, epochs = [p[0] for p in pairs], [p[1] for p in pairs]
+        misses = sum(t != t for t in times)
+        print(f"\n({label})/(plain) to reach plain's best - {MARGIN}: mean time "
+              f"{mean(times):.2f}, epochs {mean(epochs):.2f} over {len(seeds) - misses} seed(s); "
+              f"worst time {max((t for t in times if t == t), default=float('nan')):.2f}; "
+              f"missed the target in {misses} of {len(seeds)}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,25 @@ def top_up(study: optuna.Study, n_trials: int, *, retry: RetryPolicy | None = No
     return queued
 
 
+def queue_start_points(study: optuna.Study, points: list[dict], n_trials: int) -> int:
+    """Queue the study file's start points (``[sampler] start_with``) as WAITING trials.
+
+    Queued before the budget's empty trials, they run first. A point already in the study,
+    queued, run or finished, is not queued again (Optuna's ``skip_if_exists``), so a second
+    ``search run`` or a late worker never repeats one, and a retried call cannot queue it
+    twice. The budget caps how many go in. Call under :class:`StudyLock`.
+    """
+    queued = 0
+    for params in points:
+        if budget_state(study, n_trials).live >= n_trials:
+            break
+        before = len(study.get_trials(deepcopy=False))
+        call_with_retries(study.enqueue_trial, params, skip_if_exists=True,
+                          policy=RetryPolicy(), what="the study's storage")
+        queued += len(study.get_trials(deepcopy=False)) > before
+    return queued
+
+
 def _queue_one(study: optuna.Study, n_trials: int) -> bool:
     """Queue one trial if the budget has room; recounting first makes a retry safe.
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from search.errors import ConfigError
-from search.space import SearchSpace
+from search.space import Categorical, Range, SearchSpace
 from search.storage import HeartbeatConfig
 
 MODALITIES = ("rgb", "depth", "numeric", "text")
@@ -141,6 +141,9 @@ class PrunerConfig(_Section):
 class SamplerConfig(_Section):
     kind: Literal["tpe", "random"] = "tpe"
     n_startup_trials: Annotated[int, Field(ge=0)] = 6
+    # Parameters of the first trials, queued once when the study starts (Optuna's
+    # enqueue_trial); a point may name only some parameters, the sampler draws the rest.
+    start_with: list[dict[str, Any]] = []
 
 
 class StudyConfig(_Section):
@@ -159,6 +162,29 @@ class StudyConfig(_Section):
     def _space_fits_data(self) -> StudyConfig:
         self.space.check_fits(self.data.second_modality)
         return self
+
+    @model_validator(mode="after")
+    def _start_points_in_space(self) -> StudyConfig:
+        """Every start point names searched parameters and values the space can draw."""
+        for index, point in enumerate(self.sampler.start_with):
+            for key, value in point.items():
+                where = f"sampler.start_with[{index}].{key}"
+                param = self._searched_param(key)
+                if param is None and key in SearchSpace.model_fields:
+                    raise ValueError(f"{where}: space.{key} is not set, so it is not searched")
+                if param is None:
+                    names = sorted([*SearchSpace.model_fields, "balance"])
+                    raise ValueError(f"{where}: not a parameter of [space]; use one of {names}")
+                miss = param.describe_miss(value)
+                if miss:
+                    raise ValueError(f"{where}: {miss}")
+        return self
+
+    def _searched_param(self, name: str) -> Categorical | Range | None:
+        """The space's parameter called ``name`` (``balance`` comes from [augment])."""
+        if name == "balance":
+            return Categorical(tuple(self.augment.strategies))
+        return getattr(self.space, name) if name in SearchSpace.model_fields else None
 
     @property
     def name(self) -> str:

@@ -35,6 +35,12 @@ class Categorical:
     def values(self) -> tuple[Any, ...]:
         return self.choices
 
+    def describe_miss(self, value: Any) -> str | None:
+        """Why ``value`` cannot be drawn from this parameter, or None if it can."""
+        if any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices):
+            return None
+        return f"{value!r} is not one of {list(self.choices)}"
+
 
 @dataclass(frozen=True)
 class Range:
@@ -54,6 +60,21 @@ class Range:
 
     def values(self) -> tuple[Any, ...]:
         return (self.low, self.high)
+
+    def describe_miss(self, value: Any) -> str | None:
+        """Why ``value`` cannot be drawn from this range, or None if it can."""
+        if not _is_number(value):
+            return f"{value!r} is not a number"
+        integer = isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(
+            self.step, float)
+        if integer and not isinstance(value, int):
+            return f"{value!r} is not an integer (the range is [{self.low}, {self.high}])"
+        if not self.low <= value <= self.high:
+            return f"{value!r} is outside the range [{self.low}, {self.high}]"
+        if self.step and abs(round((value - self.low) / self.step) * self.step
+                             - (value - self.low)) > 1e-9:
+            return f"{value!r} is not on the range's step {self.step} from {self.low}"
+        return None
 
 
 Param = Categorical | Range

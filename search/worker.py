@@ -15,7 +15,7 @@ import torch
 from optuna.trial import TrialState
 
 from search.artifacts import create_artifact_store
-from search.budget import StudyLock, budget_state, top_up
+from search.budget import StudyLock, budget_state, queue_start_points, top_up
 from search.config import StudyConfig
 from search.data import prepare_data
 from search.errors import UserError
@@ -67,6 +67,9 @@ def load_study(config: StudyConfig, storage_url: str, *, n_trials: int,
                worker_index: int = 0) -> optuna.Study:
     """Load the study with this worker's sampler and the study's pruner, creating it if needed.
 
+    The study file's start points are queued here, under the lock, ahead of sampled trials
+    (once: points already in the study are skipped).
+
     Workers scaled by ``docker compose`` start together with no ``search run`` before them,
     so the first one creates the study. Creation runs under the study lock: SQLite workers
     would otherwise race on creating the tables, server workers on the study row.
@@ -84,6 +87,7 @@ def load_study(config: StudyConfig, storage_url: str, *, n_trials: int,
             study.set_user_attr("n_trials", n_trials)
             study.set_user_attr("study_file", str(config.source))
             study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
+        queue_start_points(study, config.sampler.start_with, n_trials)
     finally:
         lock.close()
     return study

@@ -12,7 +12,7 @@ import sqlalchemy
 from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 
-from search.budget import StudyLock, budget_state, top_up
+from search.budget import StudyLock, budget_state, queue_start_points, top_up
 from search.config import load_study as load_config
 from search.errors import StorageError
 from search.storage import (
@@ -103,6 +103,22 @@ def test_top_up_queues_exactly_the_missing_trials(storage):
     assert top_up(study, 3) == 1
     state = budget_state(study, 3)
     assert state.waiting == 3 and state.live == 3 and not state.spent
+
+
+def test_start_points_are_queued_first_once_and_within_the_budget(storage):
+    study = optuna.create_study(study_name="start", storage=storage, direction="maximize")
+    points = [{"fusion": "joint", "lr": 3e-3}, {"fusion": "early"}]
+    assert queue_start_points(study, points, 1) == 1  # the budget has room for one
+    assert queue_start_points(study, points, 3) == 1  # the first is queued already
+    assert queue_start_points(study, points, 3) == 0
+    assert top_up(study, 3) == 1
+    first = study.ask()
+    assert first.suggest_categorical("fusion", ["none", "early", "joint"]) == "joint"
+    assert first.suggest_float("lr", 1e-3, 1e-2, log=True) == 3e-3
+    study.tell(first, 0.5)
+    assert queue_start_points(study, points, 4) == 0  # a finished point stays finished
+    second = study.ask()
+    assert second.suggest_categorical("fusion", ["none", "early", "joint"]) == "early"
 
 
 def test_calls_survive_the_server_dropping_every_connection(server_url):

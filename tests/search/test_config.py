@@ -59,6 +59,15 @@ def test_good_study_parses_into_typed_objects(tmp_path):
     assert config.space.backbone == Categorical(("b0", "b1"))
 
 
+def test_start_points_keep_the_values_the_space_can_draw(tmp_path):
+    text = good_text() + (
+        '\n[sampler]\nstart_with = [{ fusion = "joint", lr = 3e-3, batch_size = 16 },'
+        ' { balance = "none" }]\n')
+    config = load_study(str(write(tmp_path, text)))
+    assert config.sampler.start_with == [{"fusion": "joint", "lr": 3e-3, "batch_size": 16},
+                                         {"balance": "none"}]
+
+
 def test_the_default_study_is_valid():
     config = load_study("apples")
     assert config.name == "apples"
@@ -97,6 +106,18 @@ def test_name_resolves_to_studies_folder(tmp_path):
         (("seed = 3", "seed = -1"), "study.seed"),
         (("resolution = 32", 'resolution = 32\nimplementation = "timm"'),
          "train.implementation: unknown implementation 'timm'"),
+        (("[study]", "[sampler]\nstart_with = [{ lr = 0.5 }]\n[study]"),
+         "sampler.start_with[0].lr: 0.5 is outside the range [0.0001, 0.1]"),
+        (("[study]", '[sampler]\nstart_with = [{}, { fusion = "cross" }]\n[study]'),
+         "sampler.start_with[1].fusion: 'cross' is not one of"),
+        (("[study]", "[sampler]\nstart_with = [{ colour = 1 }]\n[study]"),
+         "sampler.start_with[0].colour: not a parameter of [space]"),
+        (("[study]", '[sampler]\nstart_with = [{ balance = "class_weights" }]\n[study]'),
+         "sampler.start_with[0].balance: 'class_weights' is not one of ['oversample', 'none']"),
+        (("[study]", "[sampler]\nstart_with = [{ batch_size = 64 }]\n[study]"),
+         "sampler.start_with[0].batch_size: 64 is not one of [16, 32]"),
+        (("[study]", "[sampler]\nstart_with = [{ weight_decay = 0.1 }]\n[study]"),
+         "sampler.start_with[0].weight_decay: 0.1 is not one of [0.0]"),
     ],
 )
 def test_bad_study_is_one_line_naming_the_key(tmp_path, change, expected):

@@ -76,6 +76,20 @@ def test_second_run_continues_and_a_finished_study_says_so(workdir, tiny_data):
     assert len(load().get_trials()) == 2
 
 
+def test_start_points_run_first_and_only_once(workdir, tiny_data):
+    study_file = write_study(workdir, tiny_data, n_trials=2, epochs=1, extra=(
+        'start_with = [{ fusion = "late", optimizer = "adam", lr = 0.005 },'
+        ' { fusion = "early" }]\n'))
+    run("--study", str(study_file))
+    run("--study", str(study_file), "--n-trials", "3")  # a second run queues neither again
+    trials = load().get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert {k: trials[0].params[k] for k in ("fusion", "optimizer", "lr")} == {
+        "fusion": "late", "optimizer": "adam", "lr": 0.005}
+    assert trials[1].params["fusion"] == "early"
+    assert trials[2].system_attrs["fixed_params"] == {}  # a budget trial: all sampled
+
+
 def test_two_workers_finish_the_shared_budget_exactly(workdir, tiny_data):
     study_file = write_study(workdir, tiny_data, n_trials=5, epochs=1)
     run("--study", str(study_file), "--workers", "2")
