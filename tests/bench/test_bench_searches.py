@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bench._plain import load_plain_data, oversampled_rows
 from bench._searches import SearchRun, plain_overrides, run_default, run_plain, study_config
+from bench.search_efficiency import summary
 from search.config import load_study
 from search.data import prepare_data
 from tests.search.conftest import make_dataset, write_study
@@ -122,3 +123,12 @@ def test_replay_stops_early_prunes_and_times_the_target():
     always = optuna.pruners.ThresholdPruner(lower=2.0)
     seconds, epochs, best, reached = replay(curves, always, 10**6, 0.9)
     assert (seconds, epochs, reached) == (3.0, 2, None) and best != best
+
+
+def test_summary_averages_the_seeds_that_reached_and_counts_the_misses():
+    nan = float("nan")
+    line = summary("ours", [(0.2, 0.1, 0.1), (0.6, 0.5, 0.3), (nan, nan, nan)], 3)
+    assert "time mean 0.40, worst 0.60" in line
+    assert "epochs mean 0.30, worst 0.50" in line
+    assert "time / plain's wall time mean 0.20, worst 0.30" in line
+    assert line.endswith("missed the target in 1 of 3 seed(s)")
