@@ -85,10 +85,11 @@ def top_up(study: optuna.Study, n_trials: int, *, retry: RetryPolicy | None = No
 def queue_start_points(study: optuna.Study, points: list[dict], n_trials: int) -> int:
     """Queue the study file's start points (``[sampler] start_with``) as WAITING trials.
 
-    Queued before the budget's empty trials, they run first. A point already in the study,
-    queued, run or finished, is not queued again (Optuna's ``skip_if_exists``), so a second
-    ``search run`` or a late worker never repeats one, and a retried call cannot queue it
-    twice. The budget caps how many go in. Call under :class:`StudyLock`.
+    A worker queues them when it loads the study, before it first tops the budget up, so in
+    a new study they run first. A point already in the study, queued, run or finished, is
+    not queued again (Optuna's ``skip_if_exists``): a second ``search run`` or a late worker
+    never repeats one, and a retried call cannot queue it twice. The budget caps how many
+    go in. Call under :class:`StudyLock`.
     """
     queued = 0
     for params in points:
