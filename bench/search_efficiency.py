@@ -3,8 +3,8 @@
 (a) plain, what a hand-written Optuna script does: Optuna's TPE with its defaults, every
     trial trains for the full epoch budget (no early stopping, no pruning), images are
     decoded from their files every epoch and augmented on the fly;
-(b) ours: the study as ``search worker`` runs it (its sampler and pruner, early stopping,
-    decoded-image and balanced-set caches built cold at the start of each run).
+(b) ours: the study as ``search worker`` runs it (its start points, sampler and pruner,
+    early stopping, decoded-image and balanced-set caches built cold at the start of each run).
 
 Both samplers are seeded alike, so their random start-up trials train the same
 configurations; the model, data, split, loss and training loop are the same code.
@@ -14,7 +14,7 @@ the epochs trained, the wall time, and the time and epochs each approach needed 
 (a)'s whole wall time (what a plain script's user waits for its best model). A run that
 never reaches the target shows "-" and counts as a miss.
 
-    .venv/bin/python -m bench.search_efficiency                       # apples, 3 seeds
+    .venv/bin/python -m bench.search_efficiency                       # apples, 3 seeds: ~65 min
     .venv/bin/python -m bench.search_efficiency --n-trials 8 --epochs 8 --seeds 0,1,2
     .venv/bin/python -m bench.search_efficiency --study path/to/study.toml --seeds 0
     .venv/bin/python -m bench.search_efficiency --without-start   # + (c): (b) minus start_with
