@@ -51,10 +51,14 @@ class Range:
     log: bool = False
     step: float | None = None
 
+    @property
+    def is_integer(self) -> bool:
+        """Whole-number bounds and step: Optuna's ``suggest_int``."""
+        return (isinstance(self.low, int) and isinstance(self.high, int)
+                and not isinstance(self.step, float))
+
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
-        if isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(
-            self.step, float
-        ):
+        if self.is_integer:
             return trial.suggest_int(name, self.low, self.high, log=self.log, step=self.step or 1)
         return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
 
@@ -65,9 +69,7 @@ class Range:
         """Why ``value`` cannot be drawn from this range, or None if it can."""
         if not _is_number(value):
             return f"{value!r} is not a number"
-        integer = isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(
-            self.step, float)
-        if integer and not isinstance(value, int):
+        if self.is_integer and not isinstance(value, int):
             return f"{value!r} is not an integer (the range is [{self.low}, {self.high}])"
         if not self.low <= value <= self.high:
             return f"{value!r} is outside the range [{self.low}, {self.high}]"
