@@ -52,7 +52,7 @@ class DataConfig(_Section):
     root: Path
     format: Literal["folders", "csv"] = "folders"
     modalities: list[str] = ["rgb"]
-    demo: Literal["apples"] | None = None
+    demo: Literal["apples", "garbage"] | None = None
     cache_dir: Path = Path("runs/cache")
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
     test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
@@ -278,7 +278,7 @@ def _check_paths(config: StudyConfig, path: Path) -> None:
     if data.demo is None and not data.root.exists():
         raise ConfigError(
             f"{path}: data.root: folder {data.root} does not exist "
-            "(set data.demo = \"apples\" to generate the demo set there)"
+            "(set data.demo = \"apples\" or \"garbage\" to generate a demo set there)"
         )
     weights = config.train.weights_dir
     if weights is not None and not weights.is_dir():

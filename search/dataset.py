@@ -129,7 +129,8 @@ def load_index(data: DataSpec, *, seed: int) -> DatasetIndex:
     """
     root = Path(data.root)
     if not root.is_dir():
-        raise DataError(f'data root not found: {root} (set [data] root, or demo = "apples")')
+        raise DataError(f"data root not found: {root} "
+                        '(set [data] root, or demo = "apples" or "garbage")')
     modalities = list(data.modalities)
     problems = Problems(root)
     used: list[Path] = []

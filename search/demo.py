@@ -1,4 +1,7 @@
-"""The built-in demo data set: procedurally drawn apples of five varieties.
+"""The built-in demo data sets: drawn on first use by :func:`ensure_demo`.
+
+This module draws the apples (``data.demo = "apples"``); :mod:`search.demo_garbage` the
+garbage set. The apples are procedurally drawn apples of five varieties.
 
 Each sample has an RGB photo, a depth map and measurements (diameter, height, weight,
 firmness) with a picker's note. The classes are imbalanced like orchard data (500 /
@@ -24,6 +27,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -184,7 +188,7 @@ def _to_image(scene: _Scene, u: float, w: float) -> tuple[float, float]:
     return scene.cx + x * cos - y * sin, scene.cy + x * sin + y * cos
 
 
-def _background(rng: np.random.Generator, canvas: int) -> np.ndarray:
+def draw_background(rng: np.random.Generator, canvas: int) -> np.ndarray:
     """A table, crate or tray: a colour, blotchy texture, sometimes wood grain."""
     colour = np.array(_BACKGROUNDS[rng.integers(len(_BACKGROUNDS))], np.float32)
     colour += rng.normal(0, 12, size=3).astype(np.float32)
@@ -276,7 +280,7 @@ def _photo(variety: Variety, rng: np.random.Generator, scene: _Scene, shape: _Sh
     azimuth, elevation = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 1.1)
     turned, flat = azimuth - scene.angle, math.cos(elevation)
     light = np.array([math.cos(turned) * flat, math.sin(turned) * flat, math.sin(elevation)])
-    picture = _background(rng, canvas)
+    picture = draw_background(rng, canvas)
     # A soft shadow cast away from the light.
     away = replace(
         scene,
@@ -338,7 +342,7 @@ def _note(rng: np.random.Generator, diameter: float) -> str:
     return f"{size}, {note}; row {rng.integers(1, 40)} tree {rng.integers(1, 120)}"
 
 
-def _assign_splits(count: int, rng: np.random.Generator) -> list[str]:
+def assign_splits(count: int, rng: np.random.Generator) -> list[str]:
     """70/15/15 of one class, at least one sample in each split."""
     splits = ["train"] * count
     order = iter(rng.permutation(count).tolist())
@@ -367,7 +371,7 @@ def generate_apples(
     jobs = []
     for v_index, variety in enumerate(VARIETIES):
         count = max(5, round(variety.count * scale))
-        splits = _assign_splits(count, np.random.default_rng([seed, v_index, 1 << 30]))
+        splits = assign_splits(count, np.random.default_rng([seed, v_index, 1 << 30]))
         jobs += [(v_index, i, split) for i, split in enumerate(splits)]
         for split in set(splits):
             for folder in _folders(fmt, split, variety.name):
@@ -433,8 +437,9 @@ def ensure_demo(data: DemoSpec, *, seed: int = 0) -> bool:
         DataError: the set cannot be written.
     """
     root = Path(data.root)
-    if data.demo != "apples" or _has_content(root):
+    if data.demo is None or _has_content(root):
         return False
+    generate = demo_generator(data.demo)
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         with open(root.parent / f".{root.name}.lock", "a") as lock:
@@ -443,13 +448,24 @@ def ensure_demo(data: DemoSpec, *, seed: int = 0) -> bool:
                 return False  # another process drew it while we waited
             tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
             try:
-                generate_apples(tmp, fmt=data.format, seed=seed)
+                generate(tmp, fmt=data.format, seed=seed)
                 os.rename(tmp, root)  # atomic; also replaces an empty root directory
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)  # still there only if not renamed
     except OSError as exc:
         raise DataError(f"cannot generate the demo data set in {root}: {exc}") from exc
     return True
+
+
+def demo_generator(name: str) -> Callable[..., None]:
+    """The generator of the built-in demo set ``name`` (``"apples"`` or ``"garbage"``)."""
+    # Imported here: the garbage set reuses this module's background and split helpers.
+    from search.demo_garbage import generate_garbage
+
+    generators = {"apples": generate_apples, "garbage": generate_garbage}
+    if name not in generators:
+        raise ValueError(f"unknown demo set {name!r}; choose from {sorted(generators)}")
+    return generators[name]
 
 
 def _has_content(root: Path) -> bool:
