@@ -109,7 +109,9 @@ class TrainConfig(_Section):
     epochs: Annotated[int, Field(gt=0)] = 15
     batch_size: Annotated[int, Field(gt=0)] = 32
     resolution: Annotated[int, Field(ge=16, le=1024)] = 64
-    patience: Annotated[int, Field(gt=0)] = 4
+    # Epochs without a better smoothed val F1 before the final anneal (search/train.py).
+    patience: Annotated[int, Field(gt=0)] = 3
+    anneal_epochs: Annotated[int, Field(gt=0)] = 2
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"

@@ -86,16 +86,54 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float):
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up, then cosine decay to 5% of the peak."""
+class WarmupCosine:
+    """LR multiplier per step: linear warm-up, then cosine decay to ``FLOOR`` of the peak.
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    The decay is planned over the whole epoch budget, but a trial whose validation curve
+    has stopped improving does not simply stop at a high learning rate: :meth:`anneal`
+    squeezes what is left of the decay into a few epochs, so every trial ends annealed and
+    its value shows what its parameters can do (most of the F1 comes in the low-LR epochs;
+    bench/README.md, "Stopping a trial"). A callable object rather than a closure, so that
+    ``LambdaLR.state_dict`` saves the anneal point with the resume state.
+    """
 
-    return factor
+    FLOOR = 0.05
+
+    def __init__(self, total_steps: int, warmup_steps: int) -> None:
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.anneal_from: int | None = None  # step where the squeezed anneal starts
+        self.anneal_steps = 0
+
+    def planned(self, step: int) -> float:
+        """The multiplier of the uninterrupted schedule."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.FLOOR + (1 - self.FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def __call__(self, step: int) -> float:
+        if self.anneal_from is None or step < self.anneal_from:
+            return self.planned(step)
+        start = self.planned(self.anneal_from)
+        progress = min(1.0, (step - self.anneal_from) / max(1, self.anneal_steps))
+        return self.FLOOR + (start - self.FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def anneal(self, step: int, steps: int) -> None:
+        """From ``step`` on, decay to the floor within ``steps`` steps (once per trial)."""
+        if self.anneal_from is None:
+            self.anneal_from, self.anneal_steps = step, steps
+
+
+def smoothed(history: list[float], window: int = 3) -> float:
+    """Mean of the last ``window`` validation scores: what early stopping watches.
+
+    One epoch's macro F1 on a few hundred validation samples jumps by several points from
+    epoch to epoch; a plateau is judged on the trailing mean so one lucky or unlucky epoch
+    neither starts nor delays the final anneal.
+    """
+    recent = history[-window:]
+    return sum(recent) / len(recent)
 
 
 @torch.no_grad()
@@ -149,8 +187,10 @@ def train(
     """Train ``model`` and keep the weights of its best validation epoch.
 
     ``on_epoch(epoch, macro_f1)`` runs after every validation and may raise to stop the
-    trial (pruning). Early stopping ends training after ``settings.patience`` epochs
-    without improvement.
+    trial (pruning). When the smoothed validation curve has not improved for
+    ``settings.patience`` epochs, the learning rate anneals to its floor within
+    ``settings.anneal_epochs`` epochs and the trial ends there (early stopping that still
+    ends on an annealed model).
     """
     model.to(device)
     if speed.channels_last:
@@ -158,8 +198,9 @@ def train(
     generator = np.random.default_rng(seed)
     steps_per_epoch = math.ceil(len(train_split) / params.batch_size)
     optimizer = make_optimizer(params.optimizer, model, params.lr, params.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch))
+    schedule = WarmupCosine(settings.epochs * steps_per_epoch,
+                            settings.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     weight = None if class_weights is None else torch.as_tensor(class_weights, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
 
@@ -176,8 +217,14 @@ def train(
         generator = np.random.default_rng([seed, len(history)])
         first_epoch = len(history)
     best_f1 = history[best_epoch] if best_epoch >= 0 else -1.0
+    # Early stopping watches the smoothed curve; on a plateau the trial anneals, then ends.
+    best_smooth, smooth_epoch = -1.0, -1
+    for i in range(len(history)):  # a resumed trial recounts from its history
+        if smoothed(history[:i + 1]) > best_smooth:
+            best_smooth, smooth_epoch = smoothed(history[:i + 1]), i
+    last_epoch = resume.get("last_epoch", settings.epochs - 1) if resume else settings.epochs - 1
 
-    for epoch in range(first_epoch, settings.epochs):
+    for epoch in range(first_epoch, last_epoch + 1):
         model.train()
         order = generator.permutation(len(train_split))
         for start in range(0, len(order), params.batch_size):
@@ -206,13 +253,21 @@ def train(
         if current.macro_f1 > best_f1:
             best, best_f1, best_epoch = current, current.macro_f1, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if smoothed(history) > best_smooth:
+            best_smooth, smooth_epoch = smoothed(history), epoch
+        elif (epoch - smooth_epoch >= settings.patience and schedule.anneal_from is None
+              and last_epoch - epoch > settings.anneal_epochs):
+            # Plateau: anneal within `anneal_epochs` more epochs instead of the planned rest.
+            schedule.anneal(scheduler.last_epoch, settings.anneal_epochs * steps_per_epoch)
+            last_epoch = epoch + settings.anneal_epochs
         on_epoch(epoch, current.macro_f1)
-        if save_resume is not None and epoch + 1 < settings.epochs:
+        if save_resume is not None and epoch < last_epoch:
             save_resume({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "history": history,
-                         "best_epoch": best_epoch, "best_state": best_state})
-        if epoch - best_epoch >= settings.patience:
-            break  # early stopping: no improvement for `patience` epochs
+                         "best_epoch": best_epoch, "best_state": best_state,
+                         "last_epoch": last_epoch})
+        if epoch >= last_epoch:
+            break  # the anneal a plateau started is over
 
     if best is None:
         # Resumed after the best epoch: score the restored best weights once more.
