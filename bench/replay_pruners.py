@@ -16,10 +16,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
+from scipy.stats import spearmanr
+
+from search.train import WarmupCosine, smoothed
 
 MARGIN = 0.01
+ANNEAL_EPOCHS = 2  # the schema default of train.anneal_epochs
 
 
 @dataclass(frozen=True)
@@ -31,20 +36,27 @@ class Curve:
 
 
 def candidates(epochs: int) -> dict[str, tuple[optuna.pruners.BasePruner, int]]:
-    """Pruner and early-stopping patience per candidate, for trials of ``epochs`` epochs."""
+    """Pruner and early-stopping patience per candidate, for trials of ``epochs`` epochs.
+
+    Patience is counted on the smoothed curve, as ``search.train`` does; ``10**6`` = none.
+    """
     sha, hb, median = (optuna.pruners.SuccessiveHalvingPruner, optuna.pruners.HyperbandPruner,
                        optuna.pruners.MedianPruner)
     return {
         "none, no early stopping": (optuna.pruners.NopPruner(), 10**6),
+        "early stopping (patience 3)": (optuna.pruners.NopPruner(), 3),
         "early stopping (patience 5)": (optuna.pruners.NopPruner(), 5),
-        "hyperband 3/3 + es5": (hb(min_resource=3, max_resource=epochs, reduction_factor=3), 5),
-        "hyperband 4/2 + es5": (hb(min_resource=4, max_resource=epochs, reduction_factor=2), 5),
-        "successive halving 3/3 + es5": (sha(min_resource=3, reduction_factor=3), 5),
-        "successive halving 4/3 + es5": (sha(min_resource=4, reduction_factor=3), 5),
+        "successive halving 4/3 + es5 (apples before)": (sha(min_resource=4, reduction_factor=3),
+                                                         5),
+        "hyperband 1/3 + es3 (schema default before)": (
+            hb(min_resource=1, max_resource=epochs, reduction_factor=3), 3),
+        "successive halving 3/3 + es3": (sha(min_resource=3, reduction_factor=3), 3),
         "successive halving 4/3 + es3": (sha(min_resource=4, reduction_factor=3), 3),
-        "successive halving 6/2 + es5": (sha(min_resource=6, reduction_factor=2), 5),
-        "median (warm-up 4) + es5": (median(n_startup_trials=3, n_warmup_steps=4), 5),
-        "median (warm-up 6) + es5": (median(n_startup_trials=3, n_warmup_steps=6), 5),
+        "successive halving 6/2 + es3": (sha(min_resource=6, reduction_factor=2), 3),
+        "successive halving 8/2 + es3": (sha(min_resource=8, reduction_factor=2), 3),
+        "median (warm-up 4) + es3": (median(n_startup_trials=3, n_warmup_steps=4), 3),
+        "median (warm-up 6) + es3": (median(n_startup_trials=3, n_warmup_steps=6), 3),
+        "median (warm-up 8) + es3": (median(n_startup_trials=3, n_warmup_steps=8), 3),
     }
 
 
@@ -68,17 +80,23 @@ def replay(curves: list[Curve], pruner: optuna.pruners.BasePruner, patience: int
     seconds, epochs, reached = 0.0, 0, None
     for curve in curves:
         trial = study.ask()
-        best, best_epoch, pruned = -1.0, -1, False
+        best, pruned, last = -1.0, False, len(curve.values) - 1
+        best_smooth, smooth_epoch = -1.0, -1
         for epoch, value in enumerate(curve.values):
             seconds += curve.epoch_s
             epochs += 1
             trial.report(value, epoch)
-            if value > best:
-                best, best_epoch = value, epoch
+            best = max(best, value)
+            if smoothed(curve.values[:epoch + 1]) > best_smooth:
+                best_smooth, smooth_epoch = smoothed(curve.values[:epoch + 1]), epoch
+            elif epoch - smooth_epoch >= patience and last == len(curve.values) - 1:
+                # The real trial anneals for ANNEAL_EPOCHS more; the plain curve's next
+                # epochs stand in for them (pessimistic: their LR is still high).
+                last = min(last, epoch + ANNEAL_EPOCHS)
             if trial.should_prune():
                 pruned = True
                 break
-            if epoch - best_epoch >= patience:
+            if epoch >= last:
                 break
         if pruned:
             study.tell(trial, state=TrialState.PRUNED)
@@ -89,6 +107,28 @@ def replay(curves: list[Curve], pruner: optuna.pruners.BasePruner, patience: int
     best_value = max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))),
                      default=float("nan"))
     return seconds, epochs, best_value, reached
+
+
+def curve_report(curves: list[Curve]) -> None:
+    """Per epoch: the planned LR, how much of each trial's final best F1 it already shows,
+    and how well its raw and smoothed F1 there rank the trials by their final best.
+
+    A pruner deciding at epoch e is only as good as the rank correlation at e.
+    """
+    epochs = min(len(c.values) for c in curves)
+    finals = [max(c.values) for c in curves]
+    schedule = WarmupCosine(total_steps=epochs, warmup_steps=1)
+    print("| epoch | planned LR | best so far / final best (mean) | F1 at epoch = final best "
+          "(share of trials) | Spearman raw F1 vs final best | Spearman smoothed vs final |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for e in range(epochs):
+        so_far = [max(c.values[:e + 1]) / f for c, f in zip(curves, finals, strict=True)]
+        at_best = np.mean([max(c.values[:e + 1]) >= f for c, f in zip(curves, finals,
+                                                                       strict=True)])
+        raw = spearmanr([c.values[e] for c in curves], finals).statistic
+        smooth = spearmanr([smoothed(c.values[:e + 1]) for c in curves], finals).statistic
+        print(f"| {e} | {schedule(e + 1):.2f} | {np.mean(so_far):.3f} | {at_best:.2f} | "
+              f"{raw:.2f} | {smooth:.2f} |")
 
 
 def main() -> None:
@@ -102,6 +142,8 @@ def main() -> None:
         full_s, _, _, plain_reached = replay(curves, optuna.pruners.NopPruner(), 10**6, target)
         print(f"\n{path}: {len(curves)} trials, target {target:.4f}, plain {full_s:.0f} s, "
               f"reached after {plain_reached:.0f} s")
+        curve_report(curves)
+        print()
         print("| candidate | time share | epochs | best val F1 | time to target / plain's |")
         print("| --- | --- | --- | --- | --- |")
         epochs = max(len(c.values) for c in curves)

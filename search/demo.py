@@ -188,7 +188,7 @@ def _to_image(scene: _Scene, u: float, w: float) -> tuple[float, float]:
     return scene.cx + x * cos - y * sin, scene.cy + x * sin + y * cos
 
 
-def draw_background(rng: np.random.Generator, canvas: int) -> np.ndarray:
+def _background(rng: np.random.Generator, canvas: int) -> np.ndarray:
     """A table, crate or tray: a colour, blotchy texture, sometimes wood grain."""
     colour = np.array(_BACKGROUNDS[rng.integers(len(_BACKGROUNDS))], np.float32)
     colour += rng.normal(0, 12, size=3).astype(np.float32)
@@ -280,7 +280,7 @@ def _photo(variety: Variety, rng: np.random.Generator, scene: _Scene, shape: _Sh
     azimuth, elevation = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 1.1)
     turned, flat = azimuth - scene.angle, math.cos(elevation)
     light = np.array([math.cos(turned) * flat, math.sin(turned) * flat, math.sin(elevation)])
-    picture = draw_background(rng, canvas)
+    picture = _background(rng, canvas)
     # A soft shadow cast away from the light.
     away = replace(
         scene,

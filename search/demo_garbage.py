@@ -14,7 +14,7 @@ and feels are paired in a cycle:
 | tetra_pak   | box                  | light, rinsed drink container | 40    |
 
 Two classes with the same look are drawn from the *same* picture distribution (a crushed
-can and a ball of crumpled paper are both grey-white crumpled blobs here), so only the note
+can and a ball of crumpled paper are both white-grey crumpled blobs here), so only the note
 tells them apart; two classes with the same feel get notes from the same word distribution,
 so only the picture does. A note never names its class, mixes in neutral words (where it
 was found, how clean it is), and one in eight draws a feel word from another bin, as
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from search.demo import assign_splits, draw_background
+from search.demo import assign_splits
 
 LOOKS = ("bottle", "crumpled", "box")
 FEELS: dict[str, tuple[str, ...]] = {
@@ -87,7 +87,7 @@ def note(feel: str, rng: np.random.Generator) -> str:
 
 def _bottle(draw: ImageDraw.ImageDraw, rng: np.random.Generator, s: float) -> None:
     """Body, shoulder, neck and cap, seen from the side, with a highlight strip."""
-    tint = rng.choice([(70, 150, 80), (120, 170, 200), (150, 95, 45), (190, 205, 210)])
+    tint = rng.choice([(50, 150, 70), (60, 120, 210), (40, 160, 160)])
     body = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255)) for c in tint)
     height, width = s * rng.uniform(0.55, 0.75), s * rng.uniform(0.2, 0.28)
     top = s / 2 - height / 2
@@ -110,7 +110,7 @@ def _bottle(draw: ImageDraw.ImageDraw, rng: np.random.Generator, s: float) -> No
 
 def _crumpled(draw: ImageDraw.ImageDraw, rng: np.random.Generator, s: float) -> None:
     """A jagged grey-white blob with dark creases."""
-    grey = rng.uniform(160, 230)
+    grey = rng.uniform(195, 245)
     colour = tuple(int(np.clip(grey + rng.normal(0, 10), 0, 255)) for _ in range(3))
     radius = s * rng.uniform(0.2, 0.3)
     corners = rng.integers(11, 18)
@@ -128,7 +128,7 @@ def _crumpled(draw: ImageDraw.ImageDraw, rng: np.random.Generator, s: float) -> 
 
 def _box(draw: ImageDraw.ImageDraw, rng: np.random.Generator, s: float) -> None:
     """A box in perspective: front face, top face, a fold line and a printed patch."""
-    base = rng.choice([(176, 134, 88), (205, 170, 120), (226, 214, 190), (150, 110, 70)])
+    base = rng.choice([(176, 124, 68), (205, 150, 90), (150, 100, 55)])
     front = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in base)
     top_face = tuple(min(255, int(c * 1.15)) for c in front)
     w, h = s * rng.uniform(0.3, 0.45), s * rng.uniform(0.3, 0.5)
@@ -149,15 +149,24 @@ def _box(draw: ImageDraw.ImageDraw, rng: np.random.Generator, s: float) -> None:
 _DRAW = {"bottle": _bottle, "crumpled": _crumpled, "box": _box}
 
 
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """The dark, blotchy floor of a sorting line or bin, so every look stands out."""
+    grey = rng.uniform(35, 90)
+    colour = grey + rng.normal(0, 6, size=3)
+    blotches = Image.fromarray(rng.normal(0, 1, size=(4, 4)).astype(np.float32))
+    shade = 1 + 0.12 * np.asarray(blotches.resize((size, size), Image.Resampling.BICUBIC))
+    return np.clip(colour * shade[..., None], 0, 255).astype(np.uint8)
+
+
 def photo(look: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """One photo [size, size, 3] of an item with ``look`` on a table, at a random angle.
 
     The item is drawn at twice the size and scaled down, so its edges are smooth.
     """
-    picture = Image.fromarray(np.clip(draw_background(rng, size), 0, 255).astype(np.uint8))
+    picture = Image.fromarray(_background(rng, size))
     big = 2 * size
     layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
-    _DRAW[look](ImageDraw.Draw(layer), rng, big * rng.uniform(0.85, 1.2))
+    _DRAW[look](ImageDraw.Draw(layer), rng, big * rng.uniform(1.1, 1.4))
     layer = layer.rotate(rng.uniform(0, 360), resample=Image.Resampling.BICUBIC,
                          translate=tuple(rng.uniform(-0.12, 0.12, size=2) * big))
     layer = layer.resize((size, size), Image.Resampling.LANCZOS)
