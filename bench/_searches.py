@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from bench._plain import load_plain_data
 from search.artifacts import create_artifact_store
 from search.config import StudyConfig, parse_study, resolve_study_path
+from search.data import prepare_data
 from search.export import load_test_split, load_trial_model
 from search.objective import Objective, pick_device, pick_speedups
 from search.train import evaluate
@@ -106,14 +107,19 @@ def run_default(label: str, config: StudyConfig) -> SearchRun:
     return SearchRun(label, config, study, started, time.perf_counter() - tick)
 
 
-def run_plain(label: str, config: StudyConfig) -> SearchRun:
-    """The plain approach: Optuna's default TPE, full-length training, no pruning, files
-    decoded every epoch and augmentation on the fly (see :mod:`bench._plain`)."""
+def run_plain(label: str, config: StudyConfig, *, cached: bool = False) -> SearchRun:
+    """The plain approach: Optuna's default TPE, full-length training, no pruning.
+
+    By default its files are decoded every epoch and augmented on the fly (see
+    :mod:`bench._plain`), as a hand-written script does; ``cached=True`` gives it our data
+    path instead (decoded-image and balanced-set caches, per-batch flips), so that a
+    comparison with it measures the search alone.
+    """
     storage_url = config.storage_url()
     Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     started = datetime.now()
     tick = time.perf_counter()
-    data = load_plain_data(config)
+    data = prepare_data(config) if cached else load_plain_data(config)
     # A hand-written script's sampler: Optuna's TPE with its defaults, seeded like ours.
     study = optuna.create_study(study_name=config.name, storage=storage_url,
                                 direction="maximize",

@@ -116,9 +116,13 @@ def test_replay_stops_early_prunes_and_times_the_target():
 
     curves = [Curve([0.1, 0.5, 0.4, 0.4, 0.4], 1.0), Curve([0.2, 0.3, 0.9, 0.95, 0.96], 2.0)]
     assert replay(curves, optuna.pruners.NopPruner(), 10**6, 0.9) == (15.0, 10, 0.96, 15.0)
-    # Patience 2: the first curve stops two epochs after its best (epoch 1).
-    seconds, epochs, best, reached = replay(curves, optuna.pruners.NopPruner(), 2, 0.9)
-    assert (seconds, epochs, best, reached) == (14.0, 9, 0.96, 14.0)  # at the trial's end
+    # Patience 2 on the smoothed curve: the first curve's trailing mean peaks at epoch 3,
+    # too late for a plateau of 2 epochs; a flat tail starts the anneal, 2 more epochs.
+    assert replay(curves, optuna.pruners.NopPruner(), 2, 0.9) == (15.0, 10, 0.96, 15.0)
+    flat = [Curve([0.1, 0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3], 1.0), curves[1]]
+    seconds, epochs, best, reached = replay(flat, optuna.pruners.NopPruner(), 1, 0.9)
+    # Smoothed peak at epoch 3 (0.4), no gain at epoch 4: the anneal runs epochs 5 and 6.
+    assert (seconds, epochs, best, reached) == (17.0, 12, 0.96, 17.0)
     # A pruner that stops every trial after its first report leaves no complete trial.
     always = optuna.pruners.ThresholdPruner(lower=2.0)
     seconds, epochs, best, reached = replay(curves, always, 10**6, 0.9)
@@ -127,8 +131,7 @@ def test_replay_stops_early_prunes_and_times_the_target():
 
 def test_summary_averages_the_seeds_that_reached_and_counts_the_misses():
     nan = float("nan")
-    line = summary("ours", [(0.2, 0.1, 0.1), (0.6, 0.5, 0.3), (nan, nan, nan)], 3)
-    assert "time mean 0.40, worst 0.60" in line
-    assert "epochs mean 0.30, worst 0.50" in line
-    assert "time / plain's wall time mean 0.20, worst 0.30" in line
+    line = summary("ours", [(0.2, 0.1, 0.01), (0.6, 0.5, -0.02), (nan, nan, 0.0)], 3)
+    assert "time / (a2)'s wall time mean 0.40, worst 0.60" in line
+    assert "time / (a)'s wall time mean 0.30, worst 0.50" in line
     assert line.endswith("missed the target in 1 of 3 seed(s)")
