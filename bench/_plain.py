@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 import augment
-from search.cache import decode_image, split_arrays
 from search.config import StudyConfig
-from search.data import PreparedData, Split
-from search.dataset import DatasetIndex, load_index
-from search.demo import ensure_demo
+from search.data.cache import decode_image, split_arrays
+from search.data.demo import ensure_demo
+from search.data.index import DatasetIndex, load_index
+from search.data.prepared import PreparedData, Split
 from search.errors import DataError
 
 CHANNELS = {"rgb": 3, "depth": 1}
@@ -61,7 +61,7 @@ class DiskSplit:
         return images
 
     def batch(self, rows: np.ndarray, device: torch.device, channels_last: bool) -> dict:
-        """Same batch layout as :meth:`search.data.Split.batch`, from freshly decoded files."""
+        """Same batch layout as :meth:`search.data.prepared.Split.batch`, from decoded files."""
         base = self.base
         part = Split(base.labels[rows], self.images(rows),
                      None if base.numeric is None else base.numeric[rows],
@@ -76,7 +76,7 @@ class DiskSplit:
 
 
 class PlainData(PreparedData):
-    """:class:`search.data.PreparedData` without the image cache or the balanced-set cache."""
+    """:class:`search.data.prepared.PreparedData` without the image or balanced-set caches."""
 
     def split(self, name: str) -> DiskSplit:
         return self._disk_split(name, np.arange(len(self.arrays[name])), ops=())

@@ -21,13 +21,13 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from bench._plain import load_plain_data
-from search.artifacts import create_artifact_store
+from search.bundle.export import load_test_split, load_trial_model
 from search.config import StudyConfig, parse_study, resolve_study_path
-from search.data import prepare_data
-from search.export import load_test_split, load_trial_model
-from search.objective import Objective, pick_device, pick_speedups
-from search.train import evaluate
-from search.worker import WorkerOptions, run_worker
+from search.data.prepared import prepare_data
+from search.study.worker import WorkerOptions, run_worker
+from search.trial.artifacts import create_artifact_store
+from search.trial.objective import Objective, pick_device, pick_speedups
+from search.trial.train import evaluate
 
 
 @dataclass

@@ -103,7 +103,7 @@ def demo_cold_vs_cached(resolution: int, ops: list[str]) -> None:
     ``prepare_data`` (as a later trial or another worker would) finds and maps them.
     """
     from search.config import parse_study
-    from search.data import prepare_data
+    from search.data.prepared import prepare_data
 
     with tempfile.TemporaryDirectory(prefix="bench-augment-") as tmp:
         raw = {"study": {"name": "bench"},

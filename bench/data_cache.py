@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
-import search.cache as cache
-from search.cache import load_split_arrays
-from search.dataset import load_index
-from search.demo import generate_apples
+import search.data.cache as cache
+from search.data.cache import load_split_arrays
+from search.data.demo import generate_apples
+from search.data.index import load_index
 
 
 def _best(repeats: int, run: Callable[[], object], before: Callable[[], None]) -> float:

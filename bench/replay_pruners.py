@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
-from search.train import WarmupCosine, smoothed
+from search.trial.train import WarmupCosine, smoothed
 
 MARGIN = 0.01
 ANNEAL_EPOCHS = 2  # the schema default of train.anneal_epochs

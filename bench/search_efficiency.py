@@ -44,7 +44,7 @@ from bench._searches import (
     search_parser,
     study_config,
 )
-from search.demo import ensure_demo
+from search.data.demo import ensure_demo
 
 MARGIN = 0.01
 # The studies whose validation results chose the defaults (schema, pruner, schedule, start

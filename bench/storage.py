@@ -2,7 +2,7 @@
 
 Each worker is its own process and runs the real worker loop of ``search worker`` (claim a
 slot under the study lock, ``study.optimize(n_trials=1)`` with heartbeats on the storage from
-``search.storage.get_storage``), but the objective is synthetic: training is a sleep, and
+``search.study.storage.get_storage``), but the objective is synthetic: training is a sleep, and
 around it the objective makes the storage calls a real trial makes -- three suggestions,
 ``report`` + ``should_prune`` per epoch, eleven user attributes and three small artifacts.
 So the figures are storage time alone, not slowed by training competing for the CPU.
@@ -37,8 +37,8 @@ import optuna  # noqa: E402
 import sqlalchemy  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from search.budget import StudyLock, budget_state, top_up  # noqa: E402
-from search.storage import HeartbeatConfig, get_storage, normalize_url  # noqa: E402
+from search.study.budget import StudyLock, budget_state, top_up  # noqa: E402
+from search.study.storage import HeartbeatConfig, get_storage, normalize_url  # noqa: E402
 
 # Heartbeats and the retry callback are flagged experimental; search relies on them on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -71,7 +71,7 @@ class TrialTiming:
 
 
 class SyntheticObjective:
-    """The storage calls of :class:`search.objective.Objective`, with a sleep for training."""
+    """The storage calls of :class:`search.trial.objective.Objective`, with a sleep for training."""
 
     def __init__(self, settings: Settings, lock: StudyLock) -> None:
         self.settings = settings
@@ -128,7 +128,7 @@ def _artifact_files(folder: Path) -> list[Path]:
 
 
 def run_worker(settings: Settings, index: int, results: multiprocessing.Queue) -> None:
-    """The loop of :func:`search.worker.run_worker`, timing every trial it runs."""
+    """The loop of :func:`search.study.worker.run_worker`, timing every trial it runs."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = get_storage(settings.url, heartbeat=HeartbeatConfig(
         settings.heartbeat_s, 3 * settings.heartbeat_s))
@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--postgres", help=f"admin URL (default {ADMIN_URLS['postgresql']})")
     parser.add_argument("--mysql", help=f"admin URL (default {ADMIN_URLS['mariadb']})")
     args = parser.parse_args()
-    logging.getLogger("search.storage").setLevel(logging.ERROR)
+    logging.getLogger("search.study.storage").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     sizes = ", ".join(f"{name} {size // 1000} kB" for name, size in ARTIFACT_BYTES.items())

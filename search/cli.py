@@ -63,7 +63,7 @@ def run(
     """Search: create or continue the study and run workers until the budget is spent."""
     with user_errors():
         from search.config import load_study
-        from search.runner import run_study
+        from search.study.runner import run_study
 
         config = load_study(study)
         run_study(config, storage_url=config.storage_url(storage), n_trials=n_trials,
@@ -82,7 +82,7 @@ def worker(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with user_errors():
         from search.config import load_study
-        from search.worker import WorkerOptions, run_worker
+        from search.study.worker import WorkerOptions, run_worker
 
         config = load_study(study)
         options = WorkerOptions(
@@ -102,7 +102,7 @@ def status(
     """Show trials and the best so far, from the storage alone."""
     with user_errors():
         from search.config import load_study
-        from search.status import show_status
+        from search.study.status import show_status
 
         config = load_study(study)
         show_status(config, config.storage_url(storage), timing=timing, console=console)
@@ -113,7 +113,7 @@ def data_check(study: StudyOption = "apples") -> None:
     """Validate the data set and print per-split, per-class counts."""
     with user_errors():
         from search.config import load_study
-        from search.datacheck import check_data
+        from search.data.check import check_data
 
         config = load_study(study)
         check_data(config.data, resolution=config.train.resolution, seed=config.study.seed,
@@ -130,7 +130,7 @@ def dashboard(
     """Serve optuna-dashboard on the study's storage, with the trials' artifacts."""
     with user_errors():
         from search.config import load_study
-        from search.dashboard import run_dashboard
+        from search.study.dashboard import run_dashboard
 
         config = load_study(study)
         run_dashboard(config, config.storage_url(storage), host=host, port=port, console=console)
@@ -146,8 +146,8 @@ def export(
 ) -> None:
     """Export a trial (the best by default) as a bundle: model.onnx, weights, model.json."""
     with user_errors():
+        from search.bundle.export import export_trial
         from search.config import load_study
-        from search.export import export_trial
 
         config = load_study(study)
         export_trial(config, config.storage_url(storage), out, trial_number=trial,
@@ -170,7 +170,7 @@ def predict(
 ) -> None:
     """Predict with an exported bundle alone (onnxruntime; no study, storage or PyTorch)."""
     with user_errors():
-        from search.predict import ExtraInputs, run_predict
+        from search.bundle.predict import ExtraInputs, run_predict
 
         extra = ExtraInputs(depth=depth or [], numeric=numeric or [],
                             numeric_json=numeric_json or [], text=text or [])

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from search.errors import ConfigError
 from search.space import Categorical, Range, SearchSpace
-from search.storage import HeartbeatConfig
+from search.study.storage import HeartbeatConfig
 
 MODALITIES = ("rgb", "depth", "numeric", "text")
 STUDIES_DIR = Path("studies")

@@ -15,7 +15,7 @@ from bench._plain import load_plain_data, oversampled_rows
 from bench._searches import SearchRun, plain_overrides, run_default, run_plain, study_config
 from bench.search_efficiency import summary
 from search.config import load_study
-from search.data import prepare_data
+from search.data.prepared import prepare_data
 from tests.search.conftest import make_dataset, write_study
 
 CPU = torch.device("cpu")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import search.cache as cache
-from search.cache import cached_arrays, load_split_arrays, split_cache_key
-from search.dataset import load_index
+import search.data.cache as cache
+from search.data.cache import cached_arrays, load_split_arrays, split_cache_key
+from search.data.index import load_index
 
 
 def _arrays() -> dict[str, np.ndarray]:

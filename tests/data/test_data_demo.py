@@ -16,10 +16,10 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import search.demo as demo
-from search.cache import load_split_arrays
-from search.dataset import load_index
-from search.demo import NUMERIC_NAMES, VARIETIES, ensure_demo, generate_apples
+import search.data.demo as demo
+from search.data.cache import load_split_arrays
+from search.data.demo import NUMERIC_NAMES, VARIETIES, ensure_demo, generate_apples
+from search.data.index import load_index
 
 
 def _hashes(root: Path) -> dict[str, str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from search.cache import load_split_arrays
-from search.dataset import load_index
+from search.data.cache import load_split_arrays
+from search.data.index import load_index
 from search.errors import DataError, UserError
 
 BOTH = {"train": {"apple": 6, "pear": 4}, "val": {"apple": 2, "pear": 2}}

@@ -16,11 +16,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import cross_val_predict
 
-import search.demo_garbage as garbage
-from search.cache import load_split_arrays
-from search.dataset import load_index
-from search.demo import ensure_demo
-from search.demo_garbage import BINS, FEELS, generate_garbage
+import search.data.demo_garbage as garbage
+from search.data.cache import load_split_arrays
+from search.data.demo import ensure_demo
+from search.data.demo_garbage import BINS, FEELS, generate_garbage
+from search.data.index import load_index
 
 
 def _hashes(root: Path) -> dict[str, str]:

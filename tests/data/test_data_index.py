@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from search.dataset import holdout, load_index
+from search.data.index import holdout, load_index
 
 MODALITIES = [["rgb"], ["rgb", "depth"], ["rgb", "numeric"], ["rgb", "text"]]
 

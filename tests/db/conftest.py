@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from search.storage import normalize_url
+from search.study.storage import normalize_url
 from tests.search.conftest import make_dataset, write_study
 
 ADMIN_URLS = {

@@ -12,10 +12,10 @@ import sqlalchemy
 from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 
-from search.budget import StudyLock, budget_state, queue_start_points, top_up
 from search.config import load_study as load_config
 from search.errors import StorageError
-from search.storage import (
+from search.study.budget import StudyLock, budget_state, queue_start_points, top_up
+from search.study.storage import (
     ResilientRDBStorage,
     RetryPolicy,
     StorageLostError,
@@ -25,7 +25,7 @@ from search.storage import (
     is_transient,
     normalize_url,
 )
-from search.worker import load_study
+from search.study.worker import load_study
 from tests.db.conftest import tiny_study
 
 

@@ -23,9 +23,9 @@ from optuna.artifacts import download_artifact, get_all_artifact_meta
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
-from search.artifacts import CHECKPOINT, CONFUSION, METRICS, create_artifact_store
-from search.storage import HeartbeatConfig, get_storage, normalize_url
-from search.worker import POLL_S
+from search.study.storage import HeartbeatConfig, get_storage, normalize_url
+from search.study.worker import POLL_S
+from search.trial.artifacts import CHECKPOINT, CONFUSION, METRICS, create_artifact_store
 from tests.db.conftest import (
     logs,
     pg_ctl,
@@ -160,7 +160,7 @@ def test_heartbeat_thread_outlives_a_stopped_server(restartable_postgres, caplog
     study = optuna.create_study(study_name="beats", storage=storage)
     trial = study.ask()
     beats = get_heartbeat_thread(trial._trial_id, storage)
-    caplog.set_level(logging.WARNING, logger="search.storage")
+    caplog.set_level(logging.WARNING, logger="search.study.storage")
     beats.start()
     try:
         time.sleep(1.5)

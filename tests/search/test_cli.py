@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from search.cli import app
-from search.runner import physical_gpu
+from search.study.runner import physical_gpu
 from tests.search.conftest import make_dataset, write_study
 
 runner = CliRunner()

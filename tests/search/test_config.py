@@ -182,7 +182,7 @@ def test_storage_precedence(tmp_path, monkeypatch):
     ("median", "MedianPruner"), ("none", "NopPruner"),
 ])
 def test_every_pruner_kind_makes_optunas_pruner(tmp_path, kind, expected):
-    from search.worker import make_pruner
+    from search.study.worker import make_pruner
 
     text = good_text() + f'\n[pruner]\nkind = "{kind}"\nmin_resource = 2\n'
     pruner = make_pruner(load_study(str(write(tmp_path, text))))

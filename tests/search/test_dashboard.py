@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from search.artifacts import CHECKPOINT, CONFUSION, METRICS
 from search.cli import app
+from search.trial.artifacts import CHECKPOINT, CONFUSION, METRICS
 from tests.search.conftest import write_study
 from tests.search.test_export import STUDY_FILE, build_exported_study
 

@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import models
-from search.artifacts import CHECKPOINT
+from search.bundle.export import OnnxCheck, check_out, move_into_place
 from search.cli import app
 from search.config import load_study
-from search.data import prepare_data
-from search.export import OnnxCheck, check_out, move_into_place
+from search.data.prepared import prepare_data
+from search.trial.artifacts import CHECKPOINT
 from tests.search.conftest import make_dataset, write_study
 
 pytestmark = pytest.mark.slow

@@ -26,10 +26,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import models
+from search.bundle.predict import folder_samples, load_bundle, model_inputs, tokenize
 from search.cli import app
 from search.config import load_study
-from search.data import prepare_data
-from search.predict import folder_samples, load_bundle, model_inputs, tokenize
+from search.data.prepared import prepare_data
 from tests.search.test_export import STUDY_FILE, build_exported_study
 
 pytestmark = pytest.mark.slow

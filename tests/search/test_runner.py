@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import models
 from models.backbones import create_backbone
-from search.artifacts import CHECKPOINT, CONFUSION, METRICS, create_artifact_store
 from search.cli import app
+from search.trial.artifacts import CHECKPOINT, CONFUSION, METRICS, create_artifact_store
 from tests.search.conftest import make_dataset, write_study
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from search.config import TrainConfig
-from search.data import Split
-from search.train import Speedups, TrialParams, WarmupCosine, smoothed, train
+from search.data.prepared import Split
+from search.trial.train import Speedups, TrialParams, WarmupCosine, smoothed, train
 
 CPU = torch.device("cpu")
 PLAIN = Speedups(channels_last=False, autocast_dtype=None)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from search.config import load_study
-from search.data import prepare_data
+from search.data.prepared import prepare_data
 from tests.search.conftest import make_dataset, write_study
 
 CPU = torch.device("cpu")

@@ -17,10 +17,10 @@ import torch
 
 import augment
 import models
-from search.cache import SplitArrays, cached_arrays, load_split_arrays
 from search.config import StudyConfig
-from search.dataset import DatasetIndex, load_index
-from search.demo import ensure_demo
+from search.data.cache import SplitArrays, cached_arrays, load_split_arrays
+from search.data.demo import ensure_demo
+from search.data.index import DatasetIndex, load_index
 
 TEXT_BUCKETS = 4096
 TEXT_LENGTH = 32

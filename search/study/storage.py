@@ -41,7 +41,7 @@ _DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"
 # Errors of a connection rather than of a statement: refused, dropped, timed out, locked.
 _TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
 
-logger = logging.getLogger("search.storage")
+logger = logging.getLogger("search.study.storage")
 T = TypeVar("T")
 
 
@@ -192,7 +192,7 @@ class ResilientRDBStorage(RDBStorage):
     Reads and idempotent writes (attributes, intermediate values, parameters, states) are
     retried with back-off, and pre-ping reconnects once the server is back. Creating a
     study or a trial is not retried here: a retry after a lost acknowledgement would
-    create it twice (:func:`search.budget.top_up` recounts before it re-queues instead).
+    create it twice (:func:`search.study.budget.top_up` recounts before it re-queues instead).
 
     The heartbeat never raises: an exception would end Optuna's heartbeat thread for the
     rest of the trial, and other workers would fail the trial as stale while it still trains.

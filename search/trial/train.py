@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch import nn
 
 from search.config import TrainConfig
-from search.data import Split
+from search.data.prepared import Split
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ import optuna
 import torch
 
 import models
-from search.artifacts import upload_trial_artifacts
 from search.config import StudyConfig, weights_file
-from search.data import PreparedData
+from search.data.prepared import PreparedData
 from search.errors import UserError
 from search.space import Categorical
-from search.storage import retrying
-from search.train import Speedups, TrialParams, train
+from search.study.storage import retrying
+from search.trial.artifacts import upload_trial_artifacts
+from search.trial.train import Speedups, TrialParams, train
 
 
 def sample_params(trial: optuna.Trial, config: StudyConfig) -> TrialParams:

@@ -20,7 +20,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from search.errors import StorageError
-from search.storage import (
+from search.study.storage import (
     RetryPolicy,
     call_with_retries,
     engine_kwargs,

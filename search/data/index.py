@@ -5,7 +5,7 @@ Two layouts are read (see DESIGN.md, "Dataset layout"): ``folders``
 (``<root>/<split>.csv``). Everything is validated before any training starts; each
 problem is a :class:`~search.errors.DataError` whose one-line message names the first
 offending files and how many there are in all. Images are decoded later, by
-:mod:`search.cache`, which reports corrupt images the same way.
+:mod:`search.data.cache`, which reports corrupt images the same way.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from search.demo import assign_splits
+from search.data.demo import assign_splits
 
 LOOKS = ("bottle", "crumpled", "box")
 FEELS: dict[str, tuple[str, ...]] = {

@@ -30,7 +30,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from search.errors import BundleError
 
-# The same names as search.export's, which cannot be imported here: it needs PyTorch.
+# The same names as search.bundle.export's, which cannot be imported here: it needs PyTorch.
 META_FILE = "model.json"
 ONNX_FILE = "model.onnx"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -5,7 +5,7 @@ sure it is pointed at a study that exists, and at the artifact store the workers
 confusion matrices and checkpoints into, so they show in each trial's artifact view.
 
 :func:`study_artifacts_dir` is shared with ``search export``; both open the study with
-:func:`search.status.open_existing_study`, which never creates an empty one by accident.
+:func:`search.study.status.open_existing_study`, which never creates an empty one by accident.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from rich.console import Console
 
 from search.config import StudyConfig
 from search.errors import UserError
-from search.status import open_existing_study
-from search.storage import redact
+from search.study.status import open_existing_study
+from search.study.storage import redact
 
 
 def study_artifacts_dir(config: StudyConfig, study: optuna.Study) -> Path:

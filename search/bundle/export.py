@@ -31,14 +31,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 import models
-from search.artifacts import CHECKPOINT, load_checkpoint
 from search.config import StudyConfig
-from search.dashboard import study_artifacts_dir
-from search.data import Split, prepare_data
+from search.data.prepared import Split, prepare_data
 from search.errors import UserError
-from search.status import open_existing_study
-from search.storage import redact
-from search.train import Evaluation, Speedups, evaluate
+from search.study.dashboard import study_artifacts_dir
+from search.study.status import open_existing_study
+from search.study.storage import redact
+from search.trial.artifacts import CHECKPOINT, load_checkpoint
+from search.trial.train import Evaluation, Speedups, evaluate
 
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
@@ -219,7 +219,7 @@ def bundle_preprocess(trained: TrialModel) -> dict:
 
 
 def bundle_metrics(trained: TrialModel, test: Evaluation, n_test: int) -> dict:
-    """Validation metrics from the trial, test metrics from :func:`search.train.evaluate`."""
+    """Validation metrics from the trial, test metrics from :func:`search.trial.train.evaluate`."""
     attrs = trained.trial.user_attrs
     return {
         "val_macro_f1": trained.trial.value,

@@ -1,6 +1,6 @@
 """One worker: joins the study and runs trials until the shared budget is spent.
 
-Workers coordinate only through the study in the database (see :mod:`search.budget`).
+Workers coordinate only through the study in the database (see :mod:`search.study.budget`).
 ``search run`` starts one per GPU; ``search worker`` starts one by hand on any machine.
 """
 
@@ -14,16 +14,16 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from search.artifacts import create_artifact_store
-from search.budget import StudyLock, budget_state, queue_start_points, top_up
 from search.config import StudyConfig
-from search.data import prepare_data
+from search.data.prepared import prepare_data
 from search.errors import UserError
-from search.objective import Objective, pick_device
-from search.storage import StorageLostError, check_reachable, get_storage
+from search.study.budget import StudyLock, budget_state, queue_start_points, top_up
+from search.study.storage import StorageLostError, check_reachable, get_storage
+from search.trial.artifacts import create_artifact_store
+from search.trial.objective import Objective, pick_device
 
 POLL_S = 2.0
-logger = logging.getLogger("search.worker")
+logger = logging.getLogger("search.study.worker")
 
 
 @dataclass(frozen=True)

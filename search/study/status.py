@@ -11,8 +11,8 @@ from sqlalchemy.exc import ArgumentError
 
 from search.config import StudyConfig
 from search.errors import StorageError, UserError
-from search.report import best_trials_table, failures, progress, timing_table
-from search.storage import check_reachable, get_storage, normalize_url, redact
+from search.study.report import best_trials_table, failures, progress, timing_table
+from search.study.storage import check_reachable, get_storage, normalize_url, redact
 
 
 def open_study(config: StudyConfig, storage_url: str) -> optuna.Study:

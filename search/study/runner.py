@@ -22,11 +22,11 @@ from rich.console import Console
 from rich.live import Live
 
 from search.config import StudyConfig
-from search.data import prepare_data
+from search.data.prepared import prepare_data
 from search.errors import WorkersFailedError
-from search.objective import pick_device
-from search.report import best_trials_table, failures, progress
-from search.storage import check_reachable, get_storage, retrying
+from search.study.report import best_trials_table, failures, progress
+from search.study.storage import check_reachable, get_storage, retrying
+from search.trial.objective import pick_device
 
 STOP_GRACE_S = 60
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from search.dataset import SPLITS, DatasetIndex, fail
+from search.data.index import SPLITS, DatasetIndex, fail
 from search.errors import DataError
 
 # Bump when decoding changes (resampling, colour handling), so old caches are not reused.

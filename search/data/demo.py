@@ -460,7 +460,7 @@ def ensure_demo(data: DemoSpec, *, seed: int = 0) -> bool:
 def demo_generator(name: str) -> Callable[..., None]:
     """The generator of the built-in demo set ``name`` (``"apples"`` or ``"garbage"``)."""
     # Imported here: the garbage set reuses this module's background and split helpers.
-    from search.demo_garbage import generate_garbage
+    from search.data.demo_garbage import generate_garbage
 
     generators = {"apples": generate_apples, "garbage": generate_garbage}
     if name not in generators:

@@ -10,9 +10,9 @@ from typing import Protocol
 from rich.console import Console
 from rich.table import Table
 
-from search.cache import load_split_arrays, split_cache_key
-from search.dataset import SPLITS, DatasetIndex, load_index
-from search.demo import ensure_demo
+from search.data.cache import load_split_arrays, split_cache_key
+from search.data.demo import ensure_demo
+from search.data.index import SPLITS, DatasetIndex, load_index
 
 
 class CheckSpec(Protocol):
@@ -51,10 +51,10 @@ def check_data(data: CheckSpec, *, resolution: int, seed: int, console: Console)
     and the trials then start from a warm cache.
 
     Raises:
-        DataError: the data set is invalid (see :func:`search.dataset.load_index`).
+        DataError: the data set is invalid (see :func:`search.data.index.load_index`).
     """
     start = time.perf_counter()
-    generated = ensure_demo(data, seed=seed)  # the same call as search.data.prepare_data
+    generated = ensure_demo(data, seed=seed)  # the same call as search.data.prepared.prepare_data
     if generated:
         console.print(f"generated the demo set [bold]{data.demo}[/] in {data.root}")
     index = load_index(data, seed=seed)

@@ -1,0 +1,1 @@
+"""The exported bundle: export (PyTorch -> ONNX) and predict (onnxruntime only)."""

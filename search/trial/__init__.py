@@ -1,0 +1,1 @@
+"""One trial: the objective, the training loop, its artifacts."""
