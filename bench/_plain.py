@@ -17,13 +17,12 @@ import torch
 
 import augment
 from search.config import StudyConfig
-from search.data.cache import decode_image, split_arrays
+from search.data.cache import split_arrays
+from search.data.decode import ImageError, decode_image
 from search.data.demo import ensure_demo
 from search.data.index import DatasetIndex, load_index
 from search.data.prepared import PreparedData, Split
 from search.errors import DataError
-
-CHANNELS = {"rgb": 3, "depth": 1}
 
 
 @dataclass
@@ -69,10 +68,10 @@ class DiskSplit:
         return part.batch(np.arange(len(rows)), device, channels_last)
 
     def _decode(self, path: Path, modality: str) -> np.ndarray:
-        image = decode_image(path, modality, self.resolution)
-        if isinstance(image, str):
-            raise DataError(f"{path}: {image}")
-        return image.reshape(self.resolution, self.resolution, CHANNELS[modality])
+        try:
+            return decode_image(path, modality, self.resolution)
+        except ImageError as error:
+            raise DataError(f"{path}: {error.reason}") from None
 
 
 class PlainData(PreparedData):

@@ -37,8 +37,9 @@ import optuna  # noqa: E402
 import sqlalchemy  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from search.config import HeartbeatConfig  # noqa: E402
 from search.study.budget import StudyLock, budget_state, top_up  # noqa: E402
-from search.study.storage import HeartbeatConfig, get_storage, normalize_url  # noqa: E402
+from search.study.storage import get_storage, normalize_url  # noqa: E402
 
 # Heartbeats and the retry callback are flagged experimental; search relies on them on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

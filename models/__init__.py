@@ -6,10 +6,11 @@ Example:
     >>> model = models.create_model(spec)
     >>> logits = model(models.example_inputs(spec, batch_size=2))  # [2, 3]
 
-A batch is a dict of tensors: ``"rgb"`` float ``[B, 3, H, W]`` normalized with
-:data:`RGB_MEAN` / :data:`RGB_STD`, ``"depth"`` float ``[B, 1, H, W]``, ``"numeric"`` float
-``[B, F]``, ``"text"`` int64 ``[B, L]`` from :func:`tokenize`. This package reads no files
-and knows nothing of Optuna.
+A batch is a dict of tensors: ``"rgb"`` float ``[B, 3, H, W]`` normalized with the ImageNet
+mean and std, ``"depth"`` float ``[B, 1, H, W]``, ``"numeric"`` float ``[B, F]``, ``"text"``
+int64 ``[B, L]`` word ids in ``[0, text_buckets)``. Turning files into these arrays
+(decoding, normalizing, tokenizing) is the data layer's job (``search.data.decode``).
+This package reads no files and knows nothing of Optuna.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from models import fusions  # noqa: F401  (registers every fusion)
 from models._factory import create_model
 from models._registry import fusion_accepts, get_fusion, list_fusions, register_fusion
 from models._spec import LATE_RULES, MODALITIES, ModelSpec
-from models._text import tokenize
 from models._utils import (
     PositionalInputs,
     amp_dtype,
@@ -29,15 +29,9 @@ from models._utils import (
 from models.backbones import list_backbones, list_implementations
 from models.fusions import FusionModel
 
-# ImageNet statistics, in RGB order, for images scaled to [0, 1].
-RGB_MEAN = (0.485, 0.456, 0.406)
-RGB_STD = (0.229, 0.224, 0.225)
-
 __all__ = [
     "LATE_RULES",
     "MODALITIES",
-    "RGB_MEAN",
-    "RGB_STD",
     "FusionModel",
     "ModelSpec",
     "PositionalInputs",
@@ -52,5 +46,4 @@ __all__ = [
     "list_implementations",
     "prepare_for_export",
     "register_fusion",
-    "tokenize",
 ]

@@ -33,8 +33,8 @@ class ModelSpec:
         numeric_dim: Number of numeric features; required when ``modality == "numeric"``.
         depth_backbone: Size of the depth branch (joint and late fusion); None means the same
             as ``backbone``.
-        text_buckets: Hash buckets of :func:`models.tokenize`, id 0 (padding) included.
-        text_length: Tokens per text of :func:`models.tokenize`.
+        text_buckets: Hash buckets of the word ids, id 0 (padding) included.
+        text_length: Word ids per text.
         text_dim: Width of the word embeddings and of the text features.
         hidden_dim: Width of the numeric MLP and of the joint fusion head.
         late_rule: How late fusion combines class probabilities: ``"mean"``, ``"learned"``

@@ -62,10 +62,10 @@ def run(
 ) -> None:
     """Search: create or continue the study and run workers until the budget is spent."""
     with user_errors():
-        from search.config import load_study
+        from search.config import read_study_file
         from search.study.runner import run_study
 
-        config = load_study(study)
+        config = read_study_file(study)
         run_study(config, storage_url=config.storage_url(storage), n_trials=n_trials,
                   workers=workers, console=console)
 
@@ -81,10 +81,10 @@ def worker(
     """Join a study (e.g. on another machine) and run trials until the shared budget is spent."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with user_errors():
-        from search.config import load_study
+        from search.config import read_study_file
         from search.study.worker import WorkerOptions, run_worker
 
-        config = load_study(study)
+        config = read_study_file(study)
         options = WorkerOptions(
             storage_url=config.storage_url(storage),
             n_trials=n_trials, worker_index=worker_index,
@@ -101,10 +101,10 @@ def status(
 ) -> None:
     """Show trials and the best so far, from the storage alone."""
     with user_errors():
-        from search.config import load_study
+        from search.config import read_study_file
         from search.study.status import show_status
 
-        config = load_study(study)
+        config = read_study_file(study)
         show_status(config, config.storage_url(storage), timing=timing, console=console)
 
 
@@ -112,10 +112,10 @@ def status(
 def data_check(study: StudyOption = "apples") -> None:
     """Validate the data set and print per-split, per-class counts."""
     with user_errors():
-        from search.config import load_study
+        from search.config import read_study_file
         from search.data.check import check_data
 
-        config = load_study(study)
+        config = read_study_file(study)
         check_data(config.data, resolution=config.train.resolution, seed=config.study.seed,
                    console=console)
 
@@ -129,10 +129,10 @@ def dashboard(
 ) -> None:
     """Serve optuna-dashboard on the study's storage, with the trials' artifacts."""
     with user_errors():
-        from search.config import load_study
+        from search.config import read_study_file
         from search.study.dashboard import run_dashboard
 
-        config = load_study(study)
+        config = read_study_file(study)
         run_dashboard(config, config.storage_url(storage), host=host, port=port, console=console)
 
 
@@ -147,9 +147,9 @@ def export(
     """Export a trial (the best by default) as a bundle: model.onnx, weights, model.json."""
     with user_errors():
         from search.bundle.export import export_trial
-        from search.config import load_study
+        from search.config import read_study_file
 
-        config = load_study(study)
+        config = read_study_file(study)
         export_trial(config, config.storage_url(storage), out, trial_number=trial,
                      console=console)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,10 +21,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from search.errors import ConfigError
 from search.space import Categorical, Range, SearchSpace
-from search.study.storage import HeartbeatConfig
 
 MODALITIES = ("rgb", "depth", "numeric", "text")
 STUDIES_DIR = Path("studies")
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    """How often a running trial proves it is alive, and when it is declared dead.
+
+    The defaults here are the study file's defaults too (``[study] heartbeat_*``, ``max_retry``).
+    """
+
+    interval_s: int = 10
+    grace_s: int = 30
+    max_retry: int = 3
+
+
+_BEATS = HeartbeatConfig()
 
 
 class _Section(BaseModel):
@@ -37,9 +52,9 @@ class StudySection(_Section):
     storage: str | None = None
     artifacts_dir: Path | None = None
     seed: Annotated[int, Field(ge=0)] = 0
-    heartbeat_interval_s: Annotated[int, Field(gt=0)] = 10
-    heartbeat_grace_s: Annotated[int, Field(gt=0)] = 30
-    max_retry: Annotated[int, Field(ge=0)] = 3
+    heartbeat_interval_s: Annotated[int, Field(gt=0)] = _BEATS.interval_s
+    heartbeat_grace_s: Annotated[int, Field(gt=0)] = _BEATS.grace_s
+    max_retry: Annotated[int, Field(ge=0)] = _BEATS.max_retry
 
     @model_validator(mode="after")
     def _grace_longer_than_interval(self) -> StudySection:
@@ -226,7 +241,7 @@ def resolve_study_path(study: str) -> Path:
     return STUDIES_DIR / f"{study}.toml"
 
 
-def load_study(study: str) -> StudyConfig:
+def read_study_file(study: str) -> StudyConfig:
     """Read, parse and validate a study file.
 
     Args:

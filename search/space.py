@@ -12,10 +12,12 @@ Each entry is one of:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
 from pydantic import BaseModel, ConfigDict, field_validator
+
+if TYPE_CHECKING:  # the study-file schema must not import Optuna
+    import optuna
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 LATE_RULES = ("mean", "learned", "confidence")

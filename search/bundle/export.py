@@ -31,20 +31,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 import models
+from search.bundle.files import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, ONNX_FILE, WEIGHTS_FILE
 from search.config import StudyConfig
+from search.data.decode import bundle_preprocess_section
 from search.data.prepared import Split, prepare_data
 from search.errors import UserError
-from search.study.dashboard import study_artifacts_dir
-from search.study.status import open_existing_study
+from search.study.open import open_study, study_artifacts_dir
 from search.study.storage import redact
 from search.trial.artifacts import CHECKPOINT, load_checkpoint
 from search.trial.train import Evaluation, Speedups, evaluate
 
-ONNX_FILE = "model.onnx"
-WEIGHTS_FILE = "weights.safetensors"
-META_FILE = "model.json"
-BUNDLE_FORMAT = "fusion-search bundle"
-BUNDLE_VERSION = 1
 # onnxruntime and PyTorch may differ per logit by ONNX_ATOL + ONNX_RTOL x the largest |logit|:
 # float32 rounding grows with the logits (trained models reach hundreds; we saw 6e-7 of the
 # largest), while a wrong graph is off by far more.
@@ -206,16 +202,7 @@ def describe_inputs(session: ort.InferenceSession) -> list[dict]:
 
 def bundle_preprocess(trained: TrialModel) -> dict:
     """The checkpoint's preprocessing, reduced to the model's inputs and made explicit."""
-    prep = trained.preprocess
-    result = {key: prep[key] for key in ("resolution", "channel_order", "layout")}
-    result["resize"] = "bilinear, straight to resolution x resolution (no crop, no padding)"
-    for name in trained.spec.input_names:
-        result[name] = dict(prep[name])
-    if "depth" in result:
-        result["depth"]["high_bit_depth"] = "16/32-bit images keep their top 8 bits (value / 256)"
-    if "text" in result:
-        result["text"]["truncation"] = "the first `length` words are kept"
-    return result
+    return bundle_preprocess_section(trained.preprocess, trained.spec.input_names)
 
 
 def bundle_metrics(trained: TrialModel, test: Evaluation, n_test: int) -> dict:
@@ -316,7 +303,7 @@ def export_trial(config: StudyConfig, storage_url: str, out: Path, *,
     """
     console = console or Console()
     check_out(out)
-    study = open_existing_study(config, storage_url)
+    study = open_study(config, storage_url)
     trial = pick_trial(study, trial_number)
     trained = load_trial_model(study, trial, study_artifacts_dir(config, study))
     split = load_test_split(config, trained)

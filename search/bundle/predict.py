@@ -16,27 +16,34 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, ImageOps
 from rich.console import Console
 from sklearn.metrics import accuracy_score, f1_score
 
+from search.bundle.files import META_FILE, ONNX_FILE
+from search.data.decode import (
+    IMAGE_SUFFIXES,
+    MODALITIES,
+    SPLITS,
+    ImageError,
+    Problem,
+    RawSample,
+    decode_image,
+    missing_csv_columns,
+    normalize_pixels,
+    read_csv_sample,
+    read_folder_sample,
+    standardize_numeric,
+    tokenize,
+)
 from search.errors import BundleError
 
-# The same names as search.bundle.export's, which cannot be imported here: it needs PyTorch.
-META_FILE = "model.json"
-ONNX_FILE = "model.onnx"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SPLITS = ("train", "val", "test")
 BATCH_SIZE = 32
-_WORD = re.compile(r"[a-z0-9]+")
 _NEEDED = ("labels", "inputs", "preprocess.resolution", "preprocess.rgb.mean",
            "preprocess.rgb.std", "preprocess.rgb.scale")
 
@@ -166,38 +173,19 @@ def check_meta(meta: object, path: Path) -> None:
     if not isinstance(inputs, list) or not inputs or any(
             not isinstance(e, dict) or {"name", "modality", "dtype"} - set(e) for e in inputs):
         raise BundleError(f"{path}: inputs must list {{name, modality, shape, dtype}} entries")
-    unknown = set(modalities) - {"rgb", "depth", "numeric", "text"}
+    unknown = set(modalities) - set(MODALITIES)
     if unknown:
         raise BundleError(f"{path}: unknown input modality {sorted(unknown)[0]!r}")
 
 
-def tokenize(texts: list[str], buckets: int, length: int) -> np.ndarray:
-    """``model.json``'s tokenizer rule: lowercase ``[a-z0-9]+`` words, crc32 buckets, 0-padded.
-
-    The same rule as ``models.tokenize``, restated here because ``models`` needs PyTorch.
-    """
-    ids = np.zeros((len(texts), length), dtype=np.int64)
-    for row, text in enumerate(texts):
-        words = _WORD.findall(text.lower())[:length]
-        ids[row, : len(words)] = [zlib.crc32(w.encode("utf-8")) % (buckets - 1) + 1 for w in words]
-    return ids
-
-
-def load_pixels(path: Path, mode: str, resolution: int) -> np.ndarray:
+def load_pixels(path: Path, modality: str, resolution: int) -> np.ndarray:
     """Decode and resize one image to uint8 ``[resolution, resolution, C]`` (as training did)."""
     try:
-        with Image.open(path) as image:
-            image.draft(mode, (resolution, resolution))  # JPEG: decode at a reduced scale
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I"):  # 16/32-bit depth: keep the top 8 bits
-                image = image.convert("I").point(lambda v: v * (1 / 256))
-            image = image.convert(mode).resize((resolution, resolution),
-                                               Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8).reshape(resolution, resolution, -1)
-    except FileNotFoundError:
-        raise BundleError(f"{path}: no such image") from None
-    except Exception as error:  # PIL raises many types for bad files; all mean "unreadable"
-        raise BundleError(f"{path}: not a readable image ({type(error).__name__})") from None
+        return decode_image(path, modality, resolution)
+    except ImageError as error:
+        if error.missing:
+            raise BundleError(f"{path}: no such image") from None
+        raise BundleError(f"{path}: not a readable image ({error.kind})") from None
 
 
 def numeric_vector(value: object, bundle: Bundle, where: str) -> list[float]:
@@ -279,26 +267,8 @@ def folder_samples(folder: Path, bundle: Bundle) -> list[Sample]:
 
 
 def _folder_sample(base: Path, label: str, rgb: Path, bundle: Bundle) -> Sample:
-    sample = Sample(name=str(rgb), rgb=rgb, label=label)
-    if "depth" in bundle.modalities:
-        sample.depth = base / "depth" / label / f"{rgb.stem}.png"
-        if not sample.depth.is_file():
-            raise BundleError(f"{rgb}: no depth image at {sample.depth}; the model needs depth")
-    wanted = [m for m in ("numeric", "text") if m in bundle.modalities]
-    if wanted:
-        path = base / "labels" / label / f"{rgb.stem}.json"
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise BundleError(f"{rgb}: no readable labels file at {path}; the model needs "
-                              f"{' and '.join(wanted)}") from None
-        if not isinstance(payload, dict) or any(m not in payload for m in wanted):
-            raise BundleError(f"{path}: needs the keys {', '.join(wanted)}")
-        if "numeric" in wanted:
-            sample.numeric = numeric_vector(payload["numeric"], bundle, str(path))
-        if "text" in wanted:
-            sample.text = str(payload["text"])
-    return sample
+    raw = read_folder_sample(base, label, rgb, bundle.modalities)
+    return _sample(raw, str(rgb), bundle, str(raw.labels))
 
 
 def csv_samples(path: Path, bundle: Bundle) -> list[Sample]:
@@ -308,38 +278,30 @@ def csv_samples(path: Path, bundle: Bundle) -> list[Sample]:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             header = list(reader.fieldnames or [])
-            numeric_columns = [c for c in header if c.startswith("num_")]
-            needed = ["image"] + [m for m in ("depth", "text") if m in modalities]
-            missing = [c for c in needed if c not in header]
-            if "numeric" in modalities and not numeric_columns:
-                missing.append("num_*")
+            missing = missing_csv_columns(header, modalities, label=False)
             if missing:
                 raise BundleError(f"{path}: no {', '.join(missing)} column, which the model needs")
-            return [_csv_sample(root, record, f"{path} line {reader.line_num}",
-                                numeric_columns, bundle) for record in reader]
+            samples = []
+            for record in reader:
+                where = f"{path} line {reader.line_num}"
+                raw = read_csv_sample(root, record, header, where, modalities, label=False)
+                if isinstance(raw, Problem):
+                    raise BundleError(raw.detail)
+                if raw.numeric is not None and not bundle.preprocess["numeric"].get("names"):
+                    raw.numeric = list(raw.numeric.values())
+                samples.append(_sample(raw, str(raw.rgb), bundle, where))
+            return samples
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise BundleError(f"{path}: cannot read it as CSV ({error})") from None
 
 
-def _csv_sample(root: Path, record: dict, where: str, numeric_columns: list[str],
-                bundle: Bundle) -> Sample:
-    if None in record or not record.get("image"):
-        raise BundleError(f"{where}: malformed row (empty image or wrong number of fields)")
-    rgb = root / record["image"]
-    sample = Sample(name=str(rgb), rgb=rgb, label=record.get("label") or None)
-    if "depth" in bundle.modalities:
-        if not record["depth"]:
-            raise BundleError(f"{where}: empty depth, which the model needs")
-        sample.depth = root / record["depth"]
+def _sample(raw: RawSample, name: str, bundle: Bundle, numeric_where: str) -> Sample:
+    """A sample to predict from what :mod:`search.data.decode` read (its first problem fails)."""
+    if raw.problems:
+        raise BundleError(raw.problems[0].detail)
+    sample = Sample(name=name, rgb=raw.rgb, depth=raw.depth, text=raw.text, label=raw.label)
     if "numeric" in bundle.modalities:
-        try:
-            values = {c[4:]: float(record[c]) for c in numeric_columns}
-        except (TypeError, ValueError):
-            raise BundleError(f"{where}: num_* values must be numbers") from None
-        names = bundle.preprocess["numeric"].get("names")
-        sample.numeric = numeric_vector(values if names else list(values.values()), bundle, where)
-    if "text" in bundle.modalities:
-        sample.text = record["text"] or ""
+        sample.numeric = numeric_vector(raw.numeric, bundle, numeric_where)
     return sample
 
 
@@ -370,17 +332,11 @@ def model_inputs(bundle: Bundle, samples: list[Sample]) -> dict[str, np.ndarray]
     for entry in bundle.meta["inputs"]:
         modality = entry["modality"]
         if modality in ("rgb", "depth"):
-            mode = "RGB" if modality == "rgb" else "L"
-            pixels = np.stack([load_pixels(getattr(s, modality), mode, size) for s in samples])
-            rule = prep[modality]
-            x = pixels.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(rule["scale"])
-            mean = np.asarray(rule["mean"], np.float32).reshape(1, -1, 1, 1)
-            std = np.asarray(rule["std"], np.float32).reshape(1, -1, 1, 1)
-            value = (x - mean) / std
+            pixels = np.stack([load_pixels(getattr(s, modality), modality, size)
+                               for s in samples])
+            value = normalize_pixels(pixels, prep[modality])
         elif modality == "numeric":
-            rule = prep["numeric"]
-            value = ((np.asarray([s.numeric for s in samples], np.float32)
-                      - np.asarray(rule["mean"], np.float32)) / np.asarray(rule["std"], np.float32))
+            value = standardize_numeric(np.asarray([s.numeric for s in samples]), prep["numeric"])
         else:
             value = tokenize([s.text or "" for s in samples], int(prep["text"]["buckets"]),
                              int(prep["text"]["length"]))

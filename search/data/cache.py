@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from search.data.index import SPLITS, DatasetIndex, fail
+from search.data.decode import DECODE_VERSION, SPLITS, ImageError, decode_image
+from search.data.index import DatasetIndex, fail
 from search.errors import DataError
 
-# Bump when decoding changes (resampling, colour handling), so old caches are not reused.
-DECODE_VERSION = 1
 _MARKER = "meta.json"  # written last: a directory without it is incomplete
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 # PIL decodes and resizes with the GIL released, so threads use both cores without the
@@ -209,10 +207,10 @@ def _decode_splits(index: DatasetIndex, resolution: int) -> dict[str, np.ndarray
 
     def decode_into(job: tuple[Path, str, np.ndarray, int]) -> str | None:
         path, modality, stack, row = job
-        image = decode_image(path, modality, resolution)
-        if isinstance(image, str):
-            return f"{os.path.relpath(path, index.root)} ({image})"
-        stack[row] = image.reshape(stack.shape[1:])
+        try:
+            stack[row] = decode_image(path, modality, resolution)
+        except ImageError as error:
+            return f"{os.path.relpath(path, index.root)} ({error.reason})"
         return None
 
     with ThreadPoolExecutor(_DECODE_THREADS) as pool:
@@ -220,21 +218,3 @@ def _decode_splits(index: DatasetIndex, resolution: int) -> dict[str, np.ndarray
     if bad:
         fail("unreadable or corrupt images", bad, index.root)
     return arrays
-
-
-def decode_image(path: Path, modality: str, resolution: int) -> np.ndarray | str:
-    """Decode one image to uint8 ``[resolution, resolution, C]``, or return why it failed."""
-    mode = "RGB" if modality == "rgb" else "L"
-    try:
-        with Image.open(path) as image:
-            # JPEG only: let libjpeg decode at a reduced scale; far faster for big photos.
-            image.draft(mode, (resolution, resolution))
-            image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
-            if image.mode.startswith("I"):
-                # 16/32-bit depth maps: keep the top 8 bits rather than clipping at 255.
-                image = image.convert("I").point(lambda v: v * (1 / 256))
-            image = image.convert(mode).resize((resolution, resolution), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
-    except Exception as exc:  # PIL raises many types for bad files; all of them mean "corrupt"
-        reason = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
-        return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__

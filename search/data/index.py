@@ -20,10 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
+from search.data.decode import (
+    IMAGE_SUFFIXES,
+    SPLITS,
+    Problem,
+    RawSample,
+    missing_csv_columns,
+    read_csv_sample,
+    read_folder_sample,
+)
 from search.errors import DataError
 
-SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Bump when the meaning of the index changes, so that caches keyed by the fingerprint are rebuilt.
 INDEX_VERSION = 1
 
@@ -76,18 +83,7 @@ class DatasetIndex:
         return counts
 
 
-@dataclass
-class _Row:
-    """A sample as read, before numeric values are checked against each other."""
-
-    id: str
-    label: str
-    rgb: Path
-    where: str  # what to name in an error message: a file, or "train.csv line 4"
-    depth: Path | None = None
-    labels: Path | None = None  # the JSON file of the folders layout
-    numeric: Any = None
-    text: str | None = None
+_Row = RawSample  # a sample as read, before numeric values are checked against each other
 
 
 @dataclass
@@ -100,6 +96,11 @@ class Problems:
     def add(self, kind: str, item: str) -> None:
         """Record one offending file (or row) under ``kind``."""
         self.found.setdefault(kind, []).append(item)
+
+    def add_problems(self, problems: list[Problem]) -> None:
+        """Record the problems :mod:`search.data.decode` found in one sample's files."""
+        for problem in problems:
+            self.add(problem.kind, problem.item)
 
     def raise_first(self) -> None:
         """Raise a DataError for the first kind of problem found, if any."""
@@ -192,43 +193,11 @@ def _read_folder_split(
             else:
                 seen.add(path.stem)
                 used.append(path)
-                rows.append(_folder_row(root, split, class_dir.name, path, modalities, problems))
+                rows.append(read_folder_sample(root / split, class_dir.name, path, modalities,
+                                               name=lambda p: _rel(p, root)))
+                problems.add_problems(rows[-1].problems)
                 used.extend(p for p in (rows[-1].depth, rows[-1].labels) if p and p.is_file())
     return rows
-
-
-def _folder_row(
-    root: Path, split: str, label: str, rgb: Path, modalities: list[str], problems: Problems
-) -> _Row:
-    row = _Row(id=rgb.stem, label=label, rgb=rgb, where=_rel(rgb, root))
-    if "depth" in modalities:
-        row.depth = root / split / "depth" / label / f"{rgb.stem}.png"
-        if not row.depth.is_file():
-            problems.add("images without a depth file", _rel(row.depth, root))
-    wanted = [m for m in ("numeric", "text") if m in modalities]
-    if not wanted:
-        return row
-    row.labels = root / split / "labels" / label / f"{rgb.stem}.json"
-    name = _rel(row.labels, root)
-    if not row.labels.is_file():
-        problems.add("images without a labels file", name)
-        return row
-    try:
-        payload = json.loads(row.labels.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        problems.add("malformed labels files", f"{name} line {exc.lineno}: {exc.msg}")
-        return row
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.add("unreadable labels files", f"{name}: {exc}")
-        return row
-    if not isinstance(payload, dict) or any(m not in payload for m in wanted):
-        problems.add("malformed labels files", f"{name}: needs the keys {', '.join(wanted)}")
-        return row
-    row.numeric = payload["numeric"] if "numeric" in wanted else None
-    row.text = payload["text"] if "text" in wanted else None
-    if "text" in wanted and not isinstance(row.text, str):
-        problems.add("malformed labels files", f"{name}: 'text' is not a string")
-    return row
 
 
 def _read_csv_split(
@@ -248,8 +217,11 @@ def _read_csv_split(
                 return []
             for record in reader:
                 where = f"{path.name} line {reader.line_num}"
-                row = _csv_row(root, record, header, where, modalities, problems)
-                if row is not None:
+                row = read_csv_sample(root, record, header, where, modalities)
+                if isinstance(row, Problem):
+                    problems.add(row.kind, row.item)
+                else:
+                    problems.add_problems(row.problems)
                     rows.append(row)
     except (csv.Error, UnicodeDecodeError) as exc:
         problems.add("malformed CSV files", f"{path.name}: {exc}")
@@ -260,47 +232,10 @@ def _read_csv_split(
 
 
 def _check_header(name: str, header: list[str], modalities: list[str], problems: Problems) -> bool:
-    needed = ["image", "label"] + [m for m in ("depth", "text") if m in modalities]
-    missing = [c for c in needed if c not in header]
-    if "numeric" in modalities and not any(c.startswith("num_") for c in header):
-        missing.append("num_*")
+    missing = missing_csv_columns(header, modalities)
     if missing:
         problems.add("CSV files without a required column", f"{name}: no {', '.join(missing)}")
     return not missing
-
-
-def _csv_row(
-    root: Path,
-    record: dict[Any, Any],
-    header: list[str],
-    where: str,
-    modalities: list[str],
-    problems: Problems,
-) -> _Row | None:
-    if None in record or any(v is None for v in record.values()):
-        problems.add("malformed CSV rows", f"{where}: expected {len(header)} fields")
-        return None
-    # Stray spaces around a value would otherwise make "apple " a class of its own.
-    record = {k: v.strip() for k, v in record.items()}
-    if not record["image"] or not record["label"]:
-        problems.add("malformed CSV rows", f"{where}: empty image or label")
-        return None
-    rgb = root / record["image"]
-    row = _Row(id=rgb.stem, label=record["label"], rgb=rgb, where=where)
-    if not rgb.is_file():
-        problems.add("missing image files", f"{where}: {record['image']}")
-    if "depth" in modalities:
-        row.depth = root / record["depth"]
-        if not record["depth"] or not row.depth.is_file():
-            problems.add("images without a depth file", f"{where}: {record['depth']!r}")
-    if "text" in modalities:
-        row.text = record["text"]
-    if "numeric" in modalities:
-        try:
-            row.numeric = {c[4:]: float(record[c]) for c in header if c.startswith("num_")}
-        except ValueError as exc:
-            problems.add("malformed CSV rows", f"{where}: {exc}")
-    return row
 
 
 def _check_classes(

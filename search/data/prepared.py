@@ -16,42 +16,20 @@ import numpy as np
 import torch
 
 import augment
-import models
 from search.config import StudyConfig
 from search.data.cache import SplitArrays, cached_arrays, load_split_arrays
+from search.data.decode import (
+    DEPTH_MEAN,
+    DEPTH_STD,
+    PIXEL_SCALE,
+    RGB_MEAN,
+    RGB_STD,
+    Preprocess,
+    standardize_numeric,
+    tokenize,
+)
 from search.data.demo import ensure_demo
 from search.data.index import DatasetIndex, load_index
-
-TEXT_BUCKETS = 4096
-TEXT_LENGTH = 32
-DEPTH_MEAN, DEPTH_STD = 0.5, 0.25
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How raw inputs become model inputs; stored with every checkpoint and exported."""
-
-    resolution: int
-    numeric_mean: tuple[float, ...] | None = None
-    numeric_std: tuple[float, ...] | None = None
-    numeric_names: tuple[str, ...] | None = None
-    text_buckets: int = TEXT_BUCKETS
-    text_length: int = TEXT_LENGTH
-
-    def to_dict(self) -> dict:
-        return {
-            "resolution": self.resolution,
-            "channel_order": "RGB",
-            "layout": "NCHW",
-            "rgb": {"scale": 1 / 255, "mean": list(models.RGB_MEAN), "std": list(models.RGB_STD)},
-            "depth": {"scale": 1 / 255, "mean": DEPTH_MEAN, "std": DEPTH_STD, "mode": "L"},
-            "numeric": None if self.numeric_mean is None else {
-                "names": list(self.numeric_names or ()),
-                "mean": list(self.numeric_mean), "std": list(self.numeric_std or ()),
-            },
-            "text": {"tokenizer": "lowercase [a-z0-9]+ words, crc32(word) % (buckets-1) + 1, "
-                     "padded with 0", "buckets": self.text_buckets, "length": self.text_length},
-        }
 
 
 @dataclass
@@ -81,7 +59,8 @@ class Split:
             images = augment.flip_batch(images, self.flip_ops, self.rng)
         for modality, array in images.items():
             pixels = torch.from_numpy(np.ascontiguousarray(array)).to(device)
-            pixels = pixels.permute(0, 3, 1, 2).float().div_(255)
+            # The same float32 operations as search.data.decode.normalize_pixels (predict's).
+            pixels = pixels.permute(0, 3, 1, 2).float().div_(1 / PIXEL_SCALE)
             batch[modality] = _normalize(modality, pixels).contiguous(memory_format=memory)
         if self.numeric is not None:
             batch["numeric"] = torch.from_numpy(self.numeric[rows]).to(device)
@@ -93,8 +72,8 @@ class Split:
 def _normalize(modality: str, pixels: torch.Tensor) -> torch.Tensor:
     if modality == "depth":
         return (pixels - DEPTH_MEAN) / DEPTH_STD
-    mean = torch.tensor(models.RGB_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(models.RGB_STD, device=pixels.device).view(1, 3, 1, 1)
+    mean = torch.tensor(RGB_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(RGB_STD, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 
@@ -170,13 +149,12 @@ class PreparedData:
     def _to_split(self, arrays: SplitArrays, rows: np.ndarray) -> Split:
         prep = self.preprocess
         numeric = tokens = None
+        rules = prep.to_dict()
         if arrays.numeric is not None and prep.numeric_mean is not None:
-            mean = np.asarray(prep.numeric_mean, dtype=np.float32)
-            std = np.asarray(prep.numeric_std, dtype=np.float32)
-            numeric = ((np.asarray(arrays.numeric)[rows] - mean) / std).astype(np.float32)
+            numeric = standardize_numeric(np.asarray(arrays.numeric)[rows], rules["numeric"])
         if arrays.text is not None:
             texts = [arrays.text[i] for i in rows]
-            tokens = models.tokenize(texts, prep.text_buckets, prep.text_length)
+            tokens = tokenize(texts, prep.text_buckets, prep.text_length)
         return Split(np.asarray(arrays.labels)[rows], dict(arrays.images), numeric, tokens)
 
 

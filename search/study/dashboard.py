@@ -4,36 +4,20 @@ optuna-dashboard runs as it ships (``optuna_dashboard.run_server``); this module
 sure it is pointed at a study that exists, and at the artifact store the workers wrote the
 confusion matrices and checkpoints into, so they show in each trial's artifact view.
 
-:func:`study_artifacts_dir` is shared with ``search export``; both open the study with
-:func:`search.study.status.open_existing_study`, which never creates an empty one by accident.
+The study is opened with :func:`search.study.open.open_study`, which never creates an
+empty one by accident.
 """
 
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
-import optuna
 from rich.console import Console
 
 from search.config import StudyConfig
 from search.errors import UserError
-from search.study.status import open_existing_study
+from search.study.open import open_study, study_artifacts_dir
 from search.study.storage import redact
-
-
-def study_artifacts_dir(config: StudyConfig, study: optuna.Study) -> Path:
-    """The artifact store's folder: the study file's, else the one ``search run`` recorded.
-
-    ``artifacts_dir`` in the study file is relative to where ``search`` runs; the study
-    remembers the absolute folder, which finds the artifacts from any other directory.
-    """
-    if config.artifacts_dir.is_dir():
-        return config.artifacts_dir
-    recorded = study.user_attrs.get("artifacts_dir")
-    if recorded and Path(recorded).is_dir():
-        return Path(recorded)
-    return config.artifacts_dir
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -64,7 +48,7 @@ def run_dashboard(config: StudyConfig, storage_url: str, *, host: str, port: int
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
-    study = open_existing_study(config, storage_url)
+    study = open_study(config, storage_url)
     artifacts = study_artifacts_dir(config, study)
     check_port_free(host, port)
     study_id = study._storage.get_study_id_from_name(study.study_name)

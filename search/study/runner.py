@@ -24,8 +24,9 @@ from rich.live import Live
 from search.config import StudyConfig
 from search.data.prepared import prepare_data
 from search.errors import WorkersFailedError
+from search.study.open import open_study
 from search.study.report import best_trials_table, failures, progress
-from search.study.storage import check_reachable, get_storage, retrying
+from search.study.storage import retrying
 from search.trial.objective import pick_device
 
 STOP_GRACE_S = 60
@@ -59,25 +60,13 @@ def physical_gpu(position: int, visible: str | None) -> str:
     return ids[position] if position < len(ids) else str(position)
 
 
-def create_study(config: StudyConfig, storage_url: str, n_trials: int) -> optuna.Study:
-    """Create the study (maximize val macro F1) or load it; record budget and classes."""
-    check_reachable(storage_url)
-    storage = get_storage(storage_url, heartbeat=config.heartbeat)
-    study = optuna.create_study(study_name=config.name, storage=storage,
-                                direction="maximize", load_if_exists=True)
-    study.set_user_attr("n_trials", n_trials)
-    study.set_user_attr("study_file", str(config.source))
-    study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
-    return study
-
-
 def run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None = None,
               workers: int | None = None, console: Console | None = None) -> optuna.Study:
     """Run (or continue) the study until its budget is spent; returns the study."""
     console = console or Console()
     pick_device(config.train.device)  # fail before anything starts if no GPU is there
     n_trials = n_trials or config.study.n_trials
-    study = create_study(config, storage_url, n_trials)
+    study = open_study(config, storage_url, mode="run", n_trials=n_trials)
     state = progress(study, n_trials)
     if state.done >= n_trials:
         console.print(f"study {config.name!r} is already finished: {state.line()}")

@@ -34,6 +34,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from search.config import HeartbeatConfig
 from search.errors import StorageError
 
 _DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
@@ -43,15 +44,6 @@ _TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutE
 
 logger = logging.getLogger("search.study.storage")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class HeartbeatConfig:
-    """How often a running trial proves it is alive, and when it is declared dead."""
-
-    interval_s: int = 10
-    grace_s: int = 30
-    max_retry: int = 3
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from optuna.trial import TrialState
 from search.config import StudyConfig
 from search.data.prepared import prepare_data
 from search.errors import UserError
-from search.study.budget import StudyLock, budget_state, queue_start_points, top_up
-from search.study.storage import StorageLostError, check_reachable, get_storage
+from search.study.budget import StudyLock, budget_state, top_up
+from search.study.open import open_study
+from search.study.storage import StorageLostError
 from search.trial.artifacts import create_artifact_store
 from search.trial.objective import Objective, pick_device
 
@@ -37,62 +38,6 @@ class WorkerOptions:
     timeout_s: float | None = None
 
 
-def make_sampler(config: StudyConfig, worker_index: int) -> optuna.samplers.BaseSampler:
-    """TPE (or random) seeded per worker, so workers do not draw the same startup trials."""
-    seed = config.study.seed + 1000 * worker_index
-    if config.sampler.kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=config.sampler.n_startup_trials, multivariate=True,
-        group=True, constant_liar=True)
-
-
-def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
-    """The study's pruner; epochs are the resource Hyperband allocates."""
-    pruner = config.pruner
-    if pruner.kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=pruner.min_resource, max_resource=config.train.epochs,
-            reduction_factor=pruner.reduction_factor)
-    if pruner.kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=pruner.min_resource, reduction_factor=pruner.reduction_factor)
-    if pruner.kind == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps)
-    return optuna.pruners.NopPruner()
-
-
-def load_study(config: StudyConfig, storage_url: str, *, n_trials: int,
-               worker_index: int = 0) -> optuna.Study:
-    """Load the study with this worker's sampler and the study's pruner, creating it if needed.
-
-    The study file's start points are queued here, under the lock, ahead of sampled trials
-    (once: points already in the study are skipped).
-
-    Workers scaled by ``docker compose`` start together with no ``search run`` before them,
-    so the first one creates the study. Creation runs under the study lock: SQLite workers
-    would otherwise race on creating the tables, server workers on the study row.
-    """
-    check_reachable(storage_url)
-    lock = StudyLock(storage_url, config.name)
-    try:
-        lock.acquire()
-        storage = get_storage(storage_url, heartbeat=config.heartbeat)
-        study = optuna.create_study(study_name=config.name, storage=storage,
-                                    direction="maximize", load_if_exists=True,
-                                    sampler=make_sampler(config, worker_index),
-                                    pruner=make_pruner(config))
-        if "n_trials" not in study.user_attrs:  # created here, not by `search run`
-            study.set_user_attr("n_trials", n_trials)
-            study.set_user_attr("study_file", str(config.source))
-            study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
-        queue_start_points(study, config.sampler.start_with, n_trials)
-    finally:
-        lock.close()
-    return study
-
-
 def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     """Run trials until the budget is complete or pruned; returns the trials run here.
 
@@ -102,7 +47,7 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = pick_device(config.train.device)  # before touching the storage
-    study = load_study(config, options.storage_url,
+    study = open_study(config, options.storage_url, mode="join",
                        n_trials=options.n_trials or config.study.n_trials,
                        worker_index=options.worker_index)
     n_trials = options.n_trials or study.user_attrs["n_trials"]

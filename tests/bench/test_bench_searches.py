@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from bench._plain import load_plain_data, oversampled_rows
 from bench._searches import SearchRun, plain_overrides, run_default, run_plain, study_config
 from bench.search_efficiency import summary
-from search.config import load_study
+from search.config import read_study_file
 from search.data.prepared import prepare_data
 from tests.search.conftest import make_dataset, write_study
 
@@ -27,7 +27,7 @@ def tiny_study(workdir):
 
 
 def test_disk_split_decodes_the_same_pixels_the_cache_holds(tiny_study):
-    config = load_study(str(tiny_study))
+    config = read_study_file(str(tiny_study))
     cached, plain = prepare_data(config), load_plain_data(config)
     rows = np.arange(len(cached.split("val")))
     expected = cached.split("val").batch(rows, CPU, False)
@@ -38,7 +38,7 @@ def test_disk_split_decodes_the_same_pixels_the_cache_holds(tiny_study):
 
 
 def test_training_batches_are_augmented_afresh_each_time(tiny_study):
-    config = load_study(str(tiny_study))  # ops = ["flip_left_right"]
+    config = read_study_file(str(tiny_study))  # ops = ["flip_left_right"]
     split, _ = load_plain_data(config).train_split("none")
     rows = np.arange(len(split))
     draws = [split.images(rows)["rgb"] for _ in range(3)]
@@ -47,7 +47,7 @@ def test_training_batches_are_augmented_afresh_each_time(tiny_study):
 
 
 def test_class_weights_and_oversampling_match_the_cached_strategies(tiny_study):
-    config = load_study(str(tiny_study))
+    config = read_study_file(str(tiny_study))
     cached, plain = prepare_data(config), load_plain_data(config)
     _, cached_weights = cached.train_split("class_weights")
     _, plain_weights = plain.train_split("class_weights")

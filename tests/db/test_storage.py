@@ -12,9 +12,10 @@ import sqlalchemy
 from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 
-from search.config import load_study as load_config
+from search.config import read_study_file as load_config
 from search.errors import StorageError
 from search.study.budget import StudyLock, budget_state, queue_start_points, top_up
+from search.study.open import open_study
 from search.study.storage import (
     ResilientRDBStorage,
     RetryPolicy,
@@ -25,7 +26,6 @@ from search.study.storage import (
     is_transient,
     normalize_url,
 )
-from search.study.worker import load_study
 from tests.db.conftest import tiny_study
 
 
@@ -56,7 +56,7 @@ def test_concurrent_workers_create_the_study_once(storage_url, workdir):
 
     def join() -> None:
         try:
-            studies.append(load_study(config, storage_url, n_trials=3))
+            studies.append(open_study(config, storage_url, mode="join", n_trials=3))
         except Exception as error:  # collected and reported below
             errors.append(error)
 

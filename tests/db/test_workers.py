@@ -23,7 +23,8 @@ from optuna.artifacts import download_artifact, get_all_artifact_meta
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
-from search.study.storage import HeartbeatConfig, get_storage, normalize_url
+from search.config import HeartbeatConfig
+from search.study.storage import get_storage, normalize_url
 from search.study.worker import POLL_S
 from search.trial.artifacts import CHECKPOINT, CONFUSION, METRICS, create_artifact_store
 from tests.db.conftest import (

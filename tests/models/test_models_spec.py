@@ -82,8 +82,3 @@ def test_registry_lists_fusions_and_what_they_accept():
     assert models.fusion_accepts("late") == {"depth", "numeric", "text"}
     with pytest.raises(ValueError, match="unknown fusion"):
         models.fusion_accepts("middle")
-
-
-def test_imagenet_statistics():
-    assert models.RGB_MEAN == (0.485, 0.456, 0.406)
-    assert models.RGB_STD == (0.229, 0.224, 0.225)

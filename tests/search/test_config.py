@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from search.config import load_study, resolve_study_path
+from search.config import read_study_file, resolve_study_path
 from search.errors import ConfigError
 from search.space import Categorical, Range
 
@@ -48,7 +48,7 @@ def good_text() -> str:
 
 
 def test_good_study_parses_into_typed_objects(tmp_path):
-    config = load_study(str(write(tmp_path, good_text())))
+    config = read_study_file(str(write(tmp_path, good_text())))
     assert config.name == "study"
     assert config.study.n_trials == 5
     assert config.data.second_modality == "depth"
@@ -63,13 +63,13 @@ def test_start_points_keep_the_values_the_space_can_draw(tmp_path):
     text = good_text() + (
         '\n[sampler]\nstart_with = [{ fusion = "joint", lr = 3e-3, batch_size = 16 },'
         ' { balance = "none" }]\n')
-    config = load_study(str(write(tmp_path, text)))
+    config = read_study_file(str(write(tmp_path, text)))
     assert config.sampler.start_with == [{"fusion": "joint", "lr": 3e-3, "batch_size": 16},
                                          {"balance": "none"}]
 
 
 def test_the_default_study_is_valid():
-    config = load_study("apples")
+    config = read_study_file("apples")
     assert config.name == "apples"
     assert config.data.demo == "apples"
 
@@ -131,7 +131,7 @@ def test_bad_study_is_one_line_naming_the_key(tmp_path, change, expected):
         text = text.replace(old, new, 1)
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
-        load_study(str(path))
+        read_study_file(str(path))
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(str(path))
@@ -144,20 +144,20 @@ def test_weights_dir_must_hold_weights_for_every_backbone_of_the_space(tmp_path)
     (weights / "efficientnet-b0-355c32eb.pth").write_bytes(b"")
     text = good_text().replace("resolution = 32", f'resolution = 32\nweights_dir = "{weights}"')
     with pytest.raises(ConfigError, match=r"train.weights_dir: no weights for \['b1'\]"):
-        load_study(str(write(tmp_path, text)))
+        read_study_file(str(write(tmp_path, text)))
     (weights / "b1.pth").write_bytes(b"")
-    assert load_study(str(write(tmp_path, text))).train.weights_dir == weights
+    assert read_study_file(str(write(tmp_path, text))).train.weights_dir == weights
 
 
 def test_bad_toml_names_the_file(tmp_path):
     path = write(tmp_path, "[study\nname=")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        load_study(str(path))
+        read_study_file(str(path))
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="study file not found"):
-        load_study(str(tmp_path / "nope.toml"))
+        read_study_file(str(tmp_path / "nope.toml"))
 
 
 def test_missing_data_root_without_demo(tmp_path):
@@ -165,11 +165,11 @@ def test_missing_data_root_without_demo(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match="data.root: folder /no/such/folder does not exist"):
-        load_study(str(path))
+        read_study_file(str(path))
 
 
 def test_storage_precedence(tmp_path, monkeypatch):
-    config = load_study(str(write(tmp_path, good_text())))
+    config = read_study_file(str(write(tmp_path, good_text())))
     monkeypatch.delenv("SEARCH_STORAGE", raising=False)
     assert config.storage_url() == "sqlite:///runs/study/study.db"
     monkeypatch.setenv("SEARCH_STORAGE", "sqlite:///env.db")
@@ -182,8 +182,8 @@ def test_storage_precedence(tmp_path, monkeypatch):
     ("median", "MedianPruner"), ("none", "NopPruner"),
 ])
 def test_every_pruner_kind_makes_optunas_pruner(tmp_path, kind, expected):
-    from search.study.worker import make_pruner
+    from search.study.open import make_pruner
 
     text = good_text() + f'\n[pruner]\nkind = "{kind}"\nmin_resource = 2\n'
-    pruner = make_pruner(load_study(str(write(tmp_path, text))))
+    pruner = make_pruner(read_study_file(str(write(tmp_path, text))))
     assert type(pruner).__name__ == expected

@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 import models
 from search.bundle.export import OnnxCheck, check_out, move_into_place
 from search.cli import app
-from search.config import load_study
+from search.config import read_study_file
+from search.data.decode import RGB_MEAN, RGB_STD
 from search.data.prepared import prepare_data
 from search.trial.artifacts import CHECKPOINT
 from tests.search.conftest import make_dataset, write_study
@@ -111,8 +112,8 @@ def test_bundle_holds_the_three_files_and_model_json_follows_the_contract(in_stu
          "dtype": "float32"}]
     prep = meta["preprocess"]
     assert prep["resolution"] == 32 and prep["channel_order"] == "RGB"
-    assert prep["rgb"]["mean"] == list(models.RGB_MEAN) and prep["rgb"]["std"] == list(
-        models.RGB_STD)
+    assert prep["rgb"]["mean"] == list(RGB_MEAN) and prep["rgb"]["std"] == list(
+        RGB_STD)
     assert prep["depth"]["mean"] == 0.5 and prep["depth"]["std"] == 0.25
     assert "numeric" not in prep and "text" not in prep  # the model takes neither
     arch = meta["architecture"]
@@ -140,7 +141,7 @@ def test_safetensors_weights_rebuild_the_network_and_reproduce_the_test_metrics(
     model = models.create_model(meta["architecture"]["spec"])
     model.load_state_dict(load_file(in_study.bundle / "weights.safetensors"))
     model.eval()
-    split = prepare_data(load_study(STUDY_FILE)).split("test")
+    split = prepare_data(read_study_file(STUDY_FILE)).split("test")
     batch = split.batch(np.arange(len(split)), torch.device("cpu"), channels_last=False)
     predicted = model(batch).argmax(dim=1).numpy()
     accuracy = float((predicted == split.labels).mean())

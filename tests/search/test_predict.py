@@ -26,9 +26,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import models
-from search.bundle.predict import folder_samples, load_bundle, model_inputs, tokenize
+from search.bundle.predict import folder_samples, load_bundle, model_inputs
 from search.cli import app
-from search.config import load_study
+from search.config import read_study_file
+from search.data.decode import tokenize
 from search.data.prepared import prepare_data
 from tests.search.test_export import STUDY_FILE, build_exported_study
 
@@ -79,7 +80,7 @@ def test_round_trip_gives_the_pytorch_model_s_labels_and_the_exported_f1(in_stud
     meta = json.loads(Path("bundle/model.json").read_text())
     model = models.create_model(meta["architecture"]["spec"]).eval()
     model.load_state_dict(load_file("bundle/weights.safetensors"))
-    data = prepare_data(load_study(STUDY_FILE))
+    data = prepare_data(read_study_file(STUDY_FILE))
     split = data.split("test")
     batch = split.batch(np.arange(len(split)), torch.device("cpu"), channels_last=False)
     expected = torch.softmax(model(batch), dim=1).numpy()
@@ -99,7 +100,7 @@ def test_predict_prepares_inputs_exactly_as_training_did(in_study):
     bundle = load_bundle(Path("bundle"))
     samples = folder_samples(Path("data/test"), bundle)
     feeds = model_inputs(bundle, samples)
-    data = prepare_data(load_study(STUDY_FILE))
+    data = prepare_data(read_study_file(STUDY_FILE))
     split = data.split("test")
     batch = split.batch(np.arange(len(split)), torch.device("cpu"), channels_last=False)
     order = [data.arrays["test"].ids.index(Path(s.name).stem) for s in samples]
@@ -331,11 +332,11 @@ def test_text_uses_the_documented_tokenizer(in_study, tmp_path):
     texts = ["Red APPLE, très sucrée!", "", "one two three four five six", "x_y 42"]
     for buckets, length in ((16, 4), (4096, 32), (2, 1)):
         np.testing.assert_array_equal(tokenize(texts, buckets, length),
-                                      models.tokenize(texts, buckets, length))
+                                      tokenize(texts, buckets, length))
     bundle, weight = small_bundle(tmp_path / "text", Path("bundle"), "text")
     predict(bundle, "data/test/rgb/red/red0.png", "--text", texts[0], "--out", tmp_path / "p.csv")
     row = read_predictions(tmp_path / "p.csv")["red0"]
-    expected = softmax(weight[models.tokenize(texts[:1], 16, 4)].sum(axis=1))
+    expected = softmax(weight[tokenize(texts[:1], 16, 4)].sum(axis=1))
     np.testing.assert_allclose([float(row[f"p_{c}"]) for c in ("green", "red", "yellow")],
                                expected[0], atol=1e-5)
     assert "the model needs text for every input image" in predict_error(

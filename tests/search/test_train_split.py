@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from search.config import load_study
+from search.config import read_study_file
 from search.data.prepared import prepare_data
 from tests.search.conftest import make_dataset, write_study
 
@@ -21,7 +21,7 @@ def batches(config, seed: int) -> list[torch.Tensor]:
 def test_online_flips_change_every_epoch_and_follow_the_seed(workdir):
     data = make_dataset(workdir / "data")
     path = write_study(workdir, data, extra="")  # ops = ["flip_left_right"], online by default
-    config = load_study(str(path))
+    config = read_study_file(str(path))
     first, second = batches(config, seed=3)
     assert not torch.equal(first, second)  # a fresh draw per batch
     assert torch.equal(first, batches(config, seed=3)[0])  # the same seed, the same draws
@@ -36,7 +36,7 @@ def test_online_off_gives_the_cached_pixels(workdir):
         'ops = ["flip_left_right"]', 'ops = ["flip_left_right"]\nonline = false')
     path = workdir / "offline.toml"
     path.write_text(text)
-    first, second = batches(load_study(str(path)), seed=3)
+    first, second = batches(read_study_file(str(path)), seed=3)
     assert torch.equal(first, second)
 
 
@@ -49,7 +49,7 @@ def dihedral_keys(image: np.ndarray) -> set[bytes]:
 def test_oversampled_training_set_holds_no_val_or_test_sample(workdir):
     data = make_dataset(workdir / "data", counts={"red": 14, "green": 6, "yellow": 4})
     path = write_study(workdir, data)  # no val/test folders: both are split off train
-    prepared = prepare_data(load_study(str(path)))
+    prepared = prepare_data(read_study_file(str(path)))
     split, _ = prepared.train_split("oversample", seed=0)
     assert len(split) > len(prepared.arrays["train"])  # copies were made
     held_out = set()
@@ -67,7 +67,7 @@ def test_balanced_set_is_built_once_and_rebuilt_when_a_file_changes(workdir, mon
     import augment
 
     data = make_dataset(workdir / "data", counts={"red": 10, "green": 4, "yellow": 4})
-    config = load_study(str(write_study(workdir, data)))
+    config = read_study_file(str(write_study(workdir, data)))
     builds = []
     real = augment.balance
     monkeypatch.setattr(augment, "balance", lambda *a, **k: builds.append(1) or real(*a, **k))

@@ -1,0 +1,147 @@
+"""The one way to open a study: :func:`open_study`, for every command that needs one.
+
+``search run`` opens it to create or continue it, a worker to join it (with its own sampler
+and the study's pruner), ``search status``/``dashboard``/``export`` to read it. Reading never
+creates anything: a missing SQLite file or study is one clear line instead of an empty study.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import optuna
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from search.config import StudyConfig
+from search.errors import StorageError, UserError
+from search.study.budget import StudyLock, queue_start_points
+from search.study.storage import check_reachable, get_storage, normalize_url, redact
+
+Mode = Literal["read", "run", "join"]
+
+
+def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
+               n_trials: int | None = None, worker_index: int = 0) -> optuna.Study:
+    """Open the study of ``config`` in ``storage_url``.
+
+    Args:
+        config: The study file; names the study, its heartbeats, sampler and pruner.
+        storage_url: Where the study lives.
+        mode: ``"read"`` loads an existing study and creates nothing (status, dashboard,
+            export). ``"run"`` creates the study or loads it and records the budget
+            ``n_trials``, the study file and the artifact folder (``search run``, before any
+            worker starts). ``"join"`` is a worker's: under the study lock, create the study
+            if needed (recording the same attributes only if no one did), with this worker's
+            sampler and the study's pruner, and queue the study file's start points once.
+        n_trials: The budget to record (``run`` and ``join``).
+        worker_index: Seeds a joining worker's sampler.
+
+    Raises:
+        StorageError: The storage is unreachable, or (``read``) holds no study yet.
+        UserError: (``read``) The study is not in the storage.
+    """
+    if mode == "read":
+        require_existing_storage(storage_url, config)
+    check_reachable(storage_url)
+    if mode == "read":
+        try:
+            return optuna.load_study(study_name=config.name, storage=get_storage(storage_url))
+        except KeyError:
+            raise UserError(f"study {config.name!r} not found in the storage; "
+                            f"run `search run --study {config.source}` first") from None
+    budget = n_trials or config.study.n_trials
+    if mode == "run":
+        storage = get_storage(storage_url, heartbeat=config.heartbeat)
+        study = optuna.create_study(study_name=config.name, storage=storage,
+                                    direction="maximize", load_if_exists=True)
+        _record(study, config, budget)
+        return study
+    # Workers scaled by `docker compose` start together with no `search run` before them, so
+    # the first one creates the study. Creation runs under the study lock: SQLite workers
+    # would otherwise race on creating the tables, server workers on the study row.
+    lock = StudyLock(storage_url, config.name)
+    try:
+        lock.acquire()
+        storage = get_storage(storage_url, heartbeat=config.heartbeat)
+        study = optuna.create_study(study_name=config.name, storage=storage,
+                                    direction="maximize", load_if_exists=True,
+                                    sampler=make_sampler(config, worker_index),
+                                    pruner=make_pruner(config))
+        if "n_trials" not in study.user_attrs:  # created here, not by `search run`
+            _record(study, config, budget)
+        queue_start_points(study, config.sampler.start_with, budget)
+    finally:
+        lock.close()
+    return study
+
+
+def _record(study: optuna.Study, config: StudyConfig, n_trials: int) -> None:
+    study.set_user_attr("n_trials", n_trials)
+    study.set_user_attr("study_file", str(config.source))
+    study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
+
+
+def make_sampler(config: StudyConfig, worker_index: int) -> optuna.samplers.BaseSampler:
+    """TPE (or random) seeded per worker, so workers do not draw the same startup trials."""
+    seed = config.study.seed + 1000 * worker_index
+    if config.sampler.kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=config.sampler.n_startup_trials, multivariate=True,
+        group=True, constant_liar=True)
+
+
+def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    """The study's pruner; epochs are the resource Hyperband allocates."""
+    pruner = config.pruner
+    if pruner.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=pruner.min_resource, max_resource=config.train.epochs,
+            reduction_factor=pruner.reduction_factor)
+    if pruner.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=pruner.min_resource, reduction_factor=pruner.reduction_factor)
+    if pruner.kind == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps)
+    return optuna.pruners.NopPruner()
+
+
+def require_existing_storage(storage_url: str, config: StudyConfig) -> None:
+    """Fail unless the storage can hold the study already, i.e. is not about to be created.
+
+    SQLAlchemy creates a missing SQLite file on connect, which would show an empty dashboard
+    (or a confusing "study not found") for a mistyped path; we refuse instead.
+
+    Raises:
+        StorageError: The SQLite file does not exist, or the URL is in-memory SQLite.
+    """
+    url = normalize_url(storage_url)
+    if not url.startswith("sqlite"):
+        return  # server databases: open_study checks they answer
+    try:
+        database = make_url(url).database
+    except ArgumentError as error:
+        raise StorageError(f"storage URL {redact(storage_url)} is invalid: {error}") from None
+    if not database or database == ":memory:":
+        raise StorageError(f"storage {storage_url} is an in-memory SQLite database; "
+                           "it holds no study once `search run` has exited")
+    if not Path(database).is_file():
+        raise StorageError(f"no SQLite database at {database}: run `search run --study "
+                           f"{config.source}` first, or pass --storage")
+
+
+def study_artifacts_dir(config: StudyConfig, study: optuna.Study) -> Path:
+    """The artifact store's folder: the study file's, else the one ``search run`` recorded.
+
+    ``artifacts_dir`` in the study file is relative to where ``search`` runs; the study
+    remembers the absolute folder, which finds the artifacts from any other directory.
+    """
+    if config.artifacts_dir.is_dir():
+        return config.artifacts_dir
+    recorded = study.user_attrs.get("artifacts_dir")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    return config.artifacts_dir
