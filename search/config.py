@@ -12,6 +12,7 @@ default ``runs/<study>/`` folder.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from search.data.decode import MODALITIES
 from search.errors import ConfigError
-from search.space import Categorical, Range, SearchSpace
+from search.space import BY_NAME, SearchSpace
 
-MODALITIES = ("rgb", "depth", "numeric", "text")
 STUDIES_DIR = Path("studies")
 
 
@@ -91,14 +92,17 @@ class DataConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    balance: str | list[str] = "oversample"
+    # Deprecated alias of [space] balance (StudyConfig moves it there, with a warning).
+    balance: str | list[str] | None = None
     target_per_class: Literal["max"] | Annotated[int, Field(gt=0)] = "max"
     ops: list[str] = []
     online: bool = True  # flips and quarter turns of `ops` also drawn afresh every batch
 
     @field_validator("balance")
     @classmethod
-    def _known_strategies(cls, value: str | list[str]) -> str | list[str]:
+    def _known_strategies(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is None:
+            return value
         names = [value] if isinstance(value, str) else value
         allowed = ("oversample", "class_weights", "none")
         bad = [n for n in names if n not in allowed]
@@ -113,11 +117,6 @@ class AugmentConfig(_Section):
 
         augment.validate_ops(value)
         return value
-
-    @property
-    def strategies(self) -> list[str]:
-        """The balance strategies to search over (one means no choice)."""
-        return [self.balance] if isinstance(self.balance, str) else list(self.balance)
 
 
 class TrainConfig(_Section):
@@ -175,6 +174,20 @@ class StudyConfig(_Section):
     pruner: PrunerConfig = PrunerConfig()
     sampler: SamplerConfig = SamplerConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _balance_moves_to_space(cls, raw: Any) -> Any:
+        """``[augment] balance`` is the deprecated spelling of ``[space] balance``."""
+        augment = raw.get("augment") if isinstance(raw, dict) else None
+        if not isinstance(augment, dict) or "balance" not in augment:
+            return raw
+        space = raw.get("space", {})
+        if isinstance(space, dict) and "balance" in space:
+            raise ValueError("augment.balance: set balance in [space] only")
+        print(f"warning: {raw.get('source')}: [augment] balance is deprecated; "
+              "write it as [space] balance", file=sys.stderr)
+        return {**raw, "space": {**space, "balance": augment["balance"]}}
+
     @model_validator(mode="after")
     def _space_fits_data(self) -> StudyConfig:
         self.space.check_fits(self.data.second_modality)
@@ -186,22 +199,16 @@ class StudyConfig(_Section):
         for index, point in enumerate(self.sampler.start_with):
             for key, value in point.items():
                 where = f"sampler.start_with[{index}].{key}"
-                param = self._searched_param(key)
-                if param is None and key in SearchSpace.model_fields:
+                param = self.space.get(key) if key in BY_NAME else None
+                if param is None and key in BY_NAME:
                     raise ValueError(f"{where}: space.{key} is not set, so it is not searched")
                 if param is None:
-                    names = sorted([*SearchSpace.model_fields, "balance"])
-                    raise ValueError(f"{where}: not a parameter of [space]; use one of {names}")
+                    raise ValueError(f"{where}: not a parameter of [space]; use one of "
+                                     f"{sorted(BY_NAME)}")
                 miss = param.describe_miss(value)
                 if miss:
                     raise ValueError(f"{where}: {miss}")
         return self
-
-    def _searched_param(self, name: str) -> Categorical | Range | None:
-        """The space's parameter called ``name`` (``balance`` comes from [augment])."""
-        if name == "balance":
-            return Categorical(tuple(self.augment.strategies))
-        return getattr(self.space, name) if name in SearchSpace.model_fields else None
 
     @property
     def name(self) -> str:

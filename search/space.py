@@ -1,6 +1,13 @@
-"""The ``[space]`` table: what Optuna samples, and how one trial's parameters are drawn.
+"""The searchable hyperparameters, declared once in :data:`HYPERPARAMETERS`.
 
-Each entry is one of:
+Each row of the table names a hyperparameter, its type, the value a trial trains with when
+it is not drawn, what ``[space]`` searches when the study file leaves it out, its allowed
+values or bounds, and when it is drawn at all. Everything else derives from the table: the
+``[space]`` schema and its validation (:class:`SearchSpace`), the check of ``[sampler]
+start_with`` points, sampling (:func:`sample_params`), ``TrialParams``' fields (a test
+checks them) and the README's list of ``[space]`` keys (:func:`readme_space_keys`).
+
+Each ``[space]`` entry is one of:
 
 * a list of names or numbers -> categorical (``backbone = ["b0", "b1"]``);
 * a list of exactly two numbers -> a range (``dropout = [0.0, 0.5]``); write
@@ -11,15 +18,17 @@ Each entry is one of:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, create_model, field_validator
 
 if TYPE_CHECKING:  # the study-file schema must not import Optuna
     import optuna
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+# models/_spec.py validates late rules too (models may not import search); a test checks they agree.
 LATE_RULES = ("mean", "learned", "confidence")
 
 
@@ -128,21 +137,109 @@ def _range(low: Any, high: Any, log: Any, step: Any) -> Range:
     return Range(low, high, log, step)
 
 
-class SearchSpace(BaseModel):
-    """The parameters a trial samples. Unset optional entries take the fixed default."""
+
+def _backbones() -> Sequence[str]:
+    import models  # imported when a study file is validated, not with the schema
+
+    return models.list_backbones()
+
+
+def _fusions() -> Sequence[str]:
+    import models
+
+    return models.list_fusions()
+
+
+def _strategies() -> Sequence[str]:
+    import augment
+
+    return augment.list_strategies()
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One searchable hyperparameter: the one place it is declared.
+
+    Attributes:
+        name: The ``[space]`` key, the Optuna parameter name and the ``TrialParams`` field.
+        type: ``str``, ``float`` or ``int``.
+        default: What a trial trains with when the parameter is not drawn (see ``when``).
+        space: What ``[space]`` searches when the study file leaves the key out; ``None``
+            takes ``fallback`` from the rest of the study file instead.
+        choices: The allowed names (categorical parameters only), or a function giving them.
+        bounds: ``(low, high)`` every value must lie in (numeric parameters).
+        strict_low: Values must be strictly above ``low``.
+        when: Drawn only if this holds for the values drawn before it and the data's second
+            modality; otherwise the trial takes ``default`` (and Optuna records nothing).
+        fallback: The value when ``space`` is None and the study file does not set the key.
+        doc: One line for the README's list of ``[space]`` keys.
+    """
+
+    name: str
+    type: type
+    default: Any
+    space: Param | None
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
+    bounds: tuple[float, float] | None = None
+    strict_low: bool = False
+    when: Callable[[dict[str, Any], str | None], bool] | None = None
+    fallback: Callable[[Any], Any] | None = None
+    doc: str = ""
+
+    def allowed(self) -> tuple[Any, ...] | None:
+        choices = self.choices() if callable(self.choices) else self.choices
+        return None if choices is None else tuple(choices)
+
+    def check(self, value: Param) -> Param:
+        """Validate a parsed ``[space]`` entry against the allowed values or bounds."""
+        allowed = self.allowed()
+        if allowed is not None:
+            return _only_names(value, allowed)
+        if self.bounds is not None:
+            _check_numbers(value, *self.bounds, strict_low=self.strict_low,
+                           integer=self.type is int)
+        return value
+
+
+def _two_branches(drawn: dict[str, Any], second: str | None) -> bool:
+    return drawn["fusion"] in ("joint", "late") and second == "depth"
+
+
+# The order is the order Optuna is asked in: keep it, or seeded studies draw differently.
+HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
+    Hyperparameter("fusion", str, "none", Categorical(("none",)), choices=_fusions,
+                   doc='fusion = ["none", "early", "joint", "late"]'),
+    Hyperparameter("backbone", str, "b0", Categorical(("b0",)), choices=_backbones,
+                   doc='backbone = ["b0", "b1", "b2"]'),
+    Hyperparameter("dropout", float, 0.0, Range(0.0, 0.5), bounds=(0.0, 0.95),
+                   doc="dropout = [0.0, 0.4]"),
+    Hyperparameter("optimizer", str, "adamw", Categorical(("adamw",)), choices=OPTIMIZERS,
+                   doc='optimizer = ["adam", "adamw", "sgd", "rmsprop"]'),
+    Hyperparameter("lr", float, 1e-3, Range(1e-4, 1e-2, log=True), bounds=(0.0, 10.0),
+                   strict_low=True, doc="lr = { low = 1e-3, high = 1e-2, log = true }"),
+    Hyperparameter("weight_decay", float, 0.0, Categorical((0.0,)), bounds=(0.0, 1.0),
+                   doc="weight_decay"),
+    Hyperparameter("batch_size", int, 32, None, bounds=(1, 65536),
+                   fallback=lambda config: config.train.batch_size,
+                   doc="batch_size = { choices = [16, 32] } (default: [train] batch_size)"),
+    Hyperparameter("label_smoothing", float, 0.0, Categorical((0.0,)), bounds=(0.0, 0.5),
+                   doc="label_smoothing"),
+    Hyperparameter("balance", str, "oversample", Categorical(("oversample",)),
+                   choices=_strategies,
+                   doc='balance = ["class_weights", "oversample"] (or "none")'),
+    Hyperparameter("depth_backbone", str, "b0", Categorical(("b0",)), choices=_backbones,
+                   when=_two_branches, doc="depth_backbone (joint/late with depth)"),
+    Hyperparameter("late_rule", str, "mean", Categorical(LATE_RULES), choices=LATE_RULES,
+                   when=lambda drawn, second: drawn["fusion"] == "late",
+                   doc='late_rule ("mean", "learned", "confidence")'),
+)
+BY_NAME = {h.name: h for h in HYPERPARAMETERS}
+
+
+class _SpaceBase(BaseModel):
+    """The parameters a trial samples. Unset entries search the table's ``space`` default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
-
-    backbone: Param = Categorical(("b0",))
-    fusion: Param = Categorical(("none",))
-    dropout: Param = Range(0.0, 0.5)
-    optimizer: Param = Categorical(("adamw",))
-    lr: Param = Range(1e-4, 1e-2, log=True)
-    weight_decay: Param = Categorical((0.0,))
-    batch_size: Param | None = None
-    label_smoothing: Param = Categorical((0.0,))
-    depth_backbone: Param = Categorical(("b0",))
-    late_rule: Param = Categorical(LATE_RULES)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -151,44 +248,17 @@ class SearchSpace(BaseModel):
             return value
         return parse_param(value)
 
-    @field_validator("backbone", "depth_backbone")
+    @field_validator("*")
     @classmethod
-    def _known_backbones(cls, value: Param) -> Param:
-        import models
+    def _allowed(cls, value: Param | None, info: Any) -> Param | None:
+        return None if value is None else BY_NAME[info.field_name].check(value)
 
-        return _only_names(value, models.list_backbones())
+    if TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Param: ...
 
-    @field_validator("fusion")
-    @classmethod
-    def _known_fusions(cls, value: Param) -> Param:
-        import models
-
-        return _only_names(value, models.list_fusions())
-
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizers(cls, value: Param) -> Param:
-        return _only_names(value, OPTIMIZERS)
-
-    @field_validator("late_rule")
-    @classmethod
-    def _known_rules(cls, value: Param) -> Param:
-        return _only_names(value, LATE_RULES)
-
-    @field_validator("lr", "dropout", "weight_decay", "label_smoothing")
-    @classmethod
-    def _in_bounds(cls, value: Param, info: Any) -> Param:
-        bounds = {"lr": (0.0, 10.0), "dropout": (0.0, 0.95), "weight_decay": (0.0, 1.0),
-                  "label_smoothing": (0.0, 0.5)}[info.field_name]
-        _check_numbers(value, *bounds, strict_low=info.field_name == "lr")
-        return value
-
-    @field_validator("batch_size")
-    @classmethod
-    def _positive_batch(cls, value: Param | None) -> Param | None:
-        if value is not None:
-            _check_numbers(value, 1, 65536, strict_low=False, integer=True)
-        return value
+    def get(self, name: str) -> Param | None:
+        """The entry for ``name`` (None: not searched, the study file's fallback applies)."""
+        return getattr(self, name)
 
     def check_fits(self, second_modality: str | None) -> None:
         """Refuse a fusion the data's modalities cannot use (it would never train)."""
@@ -208,6 +278,39 @@ class SearchSpace(BaseModel):
                     f"space.fusion: {fusion!r} cannot use modality {second_modality!r} "
                     f"(it accepts {sorted(accepted)})"
                 )
+
+
+_SpaceFields: Any = create_model(
+    "_SpaceFields", __base__=_SpaceBase,
+    **{h.name: (Param | None, h.space) for h in HYPERPARAMETERS})
+
+
+class SearchSpace(_SpaceFields):
+    """The ``[space]`` table: one optional field per row of :data:`HYPERPARAMETERS`."""
+
+
+def sample_params(trial: optuna.Trial, config: Any) -> dict[str, Any]:
+    """Draw one trial's hyperparameters from ``config.space``, in the table's order.
+
+    Returns every row's value by name, for ``TrialParams(**values)``.
+    """
+    second = config.data.second_modality
+    drawn: dict[str, Any] = {}
+    for hp in HYPERPARAMETERS:
+        param = config.space.get(hp.name)
+        if hp.when is not None and not hp.when(drawn, second):
+            drawn[hp.name] = hp.default
+        elif param is None:
+            drawn[hp.name] = hp.fallback(config) if hp.fallback else hp.default
+        else:
+            drawn[hp.name] = param.suggest(trial, hp.name)
+    return drawn
+
+
+def readme_space_keys() -> str:
+    """The README's list of the optional ``[space]`` keys (tests/search/test_space.py)."""
+    shown = ("backbone", "fusion", "dropout", "optimizer", "lr")
+    return "# optional: " + ", ".join(h.doc for h in HYPERPARAMETERS if h.name not in shown)
 
 
 def _only_names(value: Param, allowed: Any) -> Param:

@@ -11,36 +11,18 @@ import optuna
 import torch
 
 import models
+from search import space
 from search.config import StudyConfig, weights_file
 from search.data.prepared import PreparedData
 from search.errors import UserError
-from search.space import Categorical
 from search.study.storage import retrying
 from search.trial.artifacts import upload_trial_artifacts
 from search.trial.train import Speedups, TrialParams, train
 
 
 def sample_params(trial: optuna.Trial, config: StudyConfig) -> TrialParams:
-    """Draw one trial's parameters from ``[space]`` (and the balance strategies)."""
-    space = config.space
-    second = config.data.second_modality
-    fusion = space.fusion.suggest(trial, "fusion")
-    two_branches = fusion in ("joint", "late") and second == "depth"
-    return TrialParams(
-        backbone=space.backbone.suggest(trial, "backbone"),
-        fusion=fusion,
-        dropout=space.dropout.suggest(trial, "dropout"),
-        optimizer=space.optimizer.suggest(trial, "optimizer"),
-        lr=space.lr.suggest(trial, "lr"),
-        weight_decay=space.weight_decay.suggest(trial, "weight_decay"),
-        batch_size=(space.batch_size.suggest(trial, "batch_size") if space.batch_size
-                    else config.train.batch_size),
-        label_smoothing=space.label_smoothing.suggest(trial, "label_smoothing"),
-        balance=Categorical(tuple(config.augment.strategies)).suggest(trial, "balance"),
-        depth_backbone=(space.depth_backbone.suggest(trial, "depth_backbone")
-                        if two_branches else "b0"),
-        late_rule=space.late_rule.suggest(trial, "late_rule") if fusion == "late" else "mean",
-    )
+    """Draw one trial's parameters from ``[space]`` (see :data:`search.space.HYPERPARAMETERS`)."""
+    return TrialParams(**space.sample_params(trial, config))
 
 
 def model_spec(params: TrialParams, data: PreparedData) -> models.ModelSpec:

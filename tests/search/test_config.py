@@ -52,7 +52,7 @@ def test_good_study_parses_into_typed_objects(tmp_path):
     assert config.name == "study"
     assert config.study.n_trials == 5
     assert config.data.second_modality == "depth"
-    assert config.augment.strategies == ["oversample", "none"]
+    assert config.space.balance == Categorical(("oversample", "none"))  # [augment] alias
     assert config.space.dropout == Range(0.0, 0.5)
     assert config.space.lr == Range(1e-4, 1e-1, log=True)
     assert config.space.batch_size == Categorical((16, 32))
