@@ -49,13 +49,11 @@ class OpSpec:
         kind: ``"geometric"`` (all image modalities) or ``"colour"`` (RGB only).
         make: Builds the Augmentor operation from a probability and the image size
             ``(height, width)``.
-        description: One line for ``list_ops`` users and error messages.
     """
 
     name: str
     kind: OpKind
     make: Callable[[float, tuple[int, int]], Operation]
-    description: str
 
 
 def _distortion(probability: float, size: tuple[int, int]) -> Operation:
@@ -68,45 +66,42 @@ def _distortion(probability: float, size: tuple[int, int]) -> Operation:
 _TABLE: tuple[OpSpec, ...] = (
     OpSpec(
         "flip_left_right", "geometric",
-        lambda p, _: Flip(p, "LEFT_RIGHT"), "mirror along the vertical axis",
+        lambda p, _: Flip(p, "LEFT_RIGHT"),
     ),
     OpSpec(
         "flip_top_bottom", "geometric",
-        lambda p, _: Flip(p, "TOP_BOTTOM"), "mirror along the horizontal axis",
+        lambda p, _: Flip(p, "TOP_BOTTOM"),
     ),
     OpSpec(
         "rotate90", "geometric",
-        lambda p, _: Rotate(p, -1), "rotate by 90, 180 or 270 degrees (chosen at random)",
+        lambda p, _: Rotate(p, -1),
     ),
     OpSpec(
         "rotate", "geometric",
         lambda p, _: RotateRange(p, MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES),
-        f"rotate by up to {MAX_ROTATION_DEGREES} degrees either way, cropped back to size",
     ),
     OpSpec(
         "random_distortion", "geometric", _distortion,
-        f"elastic distortion on a {DISTORTION_GRID}x{DISTORTION_GRID} grid",
     ),
     OpSpec(
         "zoom", "geometric",
         lambda p, _: Zoom(p, *ZOOM_RANGE),
-        f"zoom in by {ZOOM_RANGE[0]}-{ZOOM_RANGE[1]}x about the centre, same size",
     ),
     OpSpec(
         "skew", "geometric",
-        lambda p, _: Skew(p, "RANDOM", SKEW_MAGNITUDE), "perspective skew (tilt or corner)",
+        lambda p, _: Skew(p, "RANDOM", SKEW_MAGNITUDE),
     ),
     OpSpec(
         "brightness", "colour",
-        lambda p, _: RandomBrightness(p, *COLOUR_RANGE), "random brightness (RGB only)",
+        lambda p, _: RandomBrightness(p, *COLOUR_RANGE),
     ),
     OpSpec(
         "contrast", "colour",
-        lambda p, _: RandomContrast(p, *COLOUR_RANGE), "random contrast (RGB only)",
+        lambda p, _: RandomContrast(p, *COLOUR_RANGE),
     ),
     OpSpec(
         "color", "colour",
-        lambda p, _: RandomColor(p, *COLOUR_RANGE), "random saturation (RGB only)",
+        lambda p, _: RandomColor(p, *COLOUR_RANGE),
     ),
 )
 

@@ -22,7 +22,6 @@ from models._spec import LATE_RULES, MODALITIES, ModelSpec
 from models._utils import (
     PositionalInputs,
     amp_dtype,
-    amp_is_fast,
     example_inputs,
     prepare_for_export,
 )
@@ -36,7 +35,6 @@ __all__ = [
     "ModelSpec",
     "PositionalInputs",
     "amp_dtype",
-    "amp_is_fast",
     "create_model",
     "example_inputs",
     "fusion_accepts",

@@ -11,7 +11,6 @@ from models.backbones import Backbone
 __all__ = [
     "PositionalInputs",
     "amp_dtype",
-    "amp_is_fast",
     "example_inputs",
     "prepare_for_export",
 ]
@@ -85,19 +84,3 @@ def amp_dtype(device: torch.device | str) -> torch.dtype:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
-
-
-def amp_is_fast(device: torch.device | str) -> bool:
-    """Return whether autocast is likely to speed training up on ``device``.
-
-    Always on CUDA. On a CPU only with native bf16 kernels (AVX512-BF16 or AMX): on an
-    AVX2-only CPU bf16 is emulated and training under autocast ran 3-15x slower than fp32
-    (bench/README.md, "Training throughput").
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private op; absent from some builds
-        return False

@@ -156,13 +156,6 @@ class StudyLock:
                 # The server dropped the session, and the lock with it.
                 connection.invalidate()
 
-    def __enter__(self) -> StudyLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
     def _acquire_file(self) -> None:
         db_path = self._url.removeprefix("sqlite:///") or "memory"
         lock_path = Path(f"{db_path}.{_slug(self._name)}.lock")
