@@ -23,6 +23,8 @@ from search.space import Categorical, Range, SearchSpace
 from search.storage import HeartbeatConfig
 
 MODALITIES = ("rgb", "depth", "numeric", "text")
+# Sampled only for some fusions, so a start point leaves them to the sampler.
+_CONDITIONAL = ("depth_backbone", "late_rule")
 STUDIES_DIR = Path("studies")
 
 
@@ -145,7 +147,8 @@ class SamplerConfig(_Section):
     n_startup_trials: Annotated[int, Field(ge=0)] = 6
     # Parameters of the first trials, queued once when the study starts (Optuna's
     # enqueue_trial); a point may name only some parameters, the sampler draws the rest.
-    start_with: list[dict[str, Any]] = []
+    # Unset: one point at the centre of the space (StudyConfig.start_points); [] for none.
+    start_with: list[dict[str, Any]] | None = None
 
 
 class StudyConfig(_Section):
@@ -168,7 +171,7 @@ class StudyConfig(_Section):
     @model_validator(mode="after")
     def _start_points_in_space(self) -> StudyConfig:
         """Every start point names searched parameters and values the space can draw."""
-        for index, point in enumerate(self.sampler.start_with):
+        for index, point in enumerate(self.sampler.start_with or []):
             for key, value in point.items():
                 where = f"sampler.start_with[{index}].{key}"
                 param = self._searched_param(key)
@@ -187,6 +190,29 @@ class StudyConfig(_Section):
         if name == "balance":
             return Categorical(tuple(self.augment.strategies))
         return getattr(self.space, name) if name in SearchSpace.model_fields else None
+
+    def start_points(self) -> list[dict[str, Any]]:
+        """The trials to run before the sampler's own: ``[sampler] start_with`` if set, else
+        the centre of the space.
+
+        The centre is the fusion that fuses features of both modalities (``joint`` when the
+        space has it, else the first listed fusion other than ``none``) with every numeric
+        range at its middle (geometric middle for log ranges); the sampler draws the rest.
+        With a handful of trials, a random start-up can spend most of the budget on
+        rgb-only models and on the edges of the ranges; a first trial at the centre gives
+        TPE one sound point to model from (bench/README.md, "Choosing the defaults").
+        """
+        if self.sampler.start_with is not None:
+            return list(self.sampler.start_with)
+        point: dict[str, Any] = {}
+        fusions = [f for f in self.space.fusion.values() if f != "none"]
+        if len(self.space.fusion.values()) > 1 and fusions:
+            point["fusion"] = "joint" if "joint" in fusions else fusions[0]
+        for name in SearchSpace.model_fields:
+            param = getattr(self.space, name)
+            if isinstance(param, Range) and name not in _CONDITIONAL:
+                point[name] = param.centre()
+        return [point]
 
     @property
     def name(self) -> str:

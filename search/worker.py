@@ -87,7 +87,7 @@ def load_study(config: StudyConfig, storage_url: str, *, n_trials: int,
             study.set_user_attr("n_trials", n_trials)
             study.set_user_attr("study_file", str(config.source))
             study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
-        queue_start_points(study, config.sampler.start_with, n_trials)
+        queue_start_points(study, config.start_points(), n_trials)
     finally:
         lock.close()
     return study
