@@ -213,3 +213,16 @@ def test_every_pruner_kind_makes_optunas_pruner(tmp_path, kind, expected):
     text = good_text() + f'\n[pruner]\nkind = "{kind}"\nmin_resource = 2\n'
     pruner = make_pruner(load_study(str(write(tmp_path, text))))
     assert type(pruner).__name__ == expected
+
+
+def test_the_default_pruner_decides_at_half_the_epochs(tmp_path):
+    from search.worker import make_pruner
+
+    text = good_text().replace("epochs = 2", "epochs = 12")
+    config = load_study(str(write(tmp_path, text)))
+    assert (config.pruner.kind, config.pruner.first_step(12)) == ("successive_halving", (6, 6))
+    pruner = make_pruner(config)
+    assert (pruner._min_resource, pruner._reduction_factor) == (6, 2)
+    explicit = text + '\n[pruner]\nkind = "median"\nmin_resource = 3\nn_warmup_steps = 2\n'
+    assert load_study(str(write(tmp_path, explicit))).pruner.first_step(12) == (3, 2)
+    assert config.pruner.first_step(1) == (1, 1)  # never a rung at step 0
