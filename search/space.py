@@ -18,6 +18,7 @@ Each ``[space]`` entry is one of:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,14 @@ class Range:
 
     def values(self) -> tuple[Any, ...]:
         return (self.low, self.high)
+
+    def centre(self) -> Any:
+        """The middle of the range (geometric for log ranges), on its step, rounded for ints."""
+        middle = (math.sqrt(self.low * self.high) if self.log
+                  else (self.low + self.high) / 2)
+        if self.step:
+            middle = self.low + round((middle - self.low) / self.step) * self.step
+        return round(middle) if self.is_integer else float(middle)
 
     def describe_miss(self, value: Any) -> str | None:
         """Why ``value`` cannot be drawn from this range, or None if it can."""

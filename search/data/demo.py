@@ -1,6 +1,6 @@
 """The built-in demo data sets: drawn on first use by :func:`ensure_demo`.
 
-This module draws the apples (``data.demo = "apples"``); :mod:`search.demo_garbage` the
+This module draws the apples (``data.demo = "apples"``); :mod:`search.data.demo_garbage` the
 garbage set. The apples are procedurally drawn apples of five varieties.
 
 Each sample has an RGB photo, a depth map and measurements (diameter, height, weight,

@@ -71,7 +71,7 @@ def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
                                     pruner=make_pruner(config))
         if "n_trials" not in study.user_attrs:  # created here, not by `search run`
             _record(study, config, budget)
-        queue_start_points(study, config.sampler.start_with, budget)
+        queue_start_points(study, config.start_points(), budget)
     finally:
         lock.close()
     return study
@@ -96,16 +96,17 @@ def make_sampler(config: StudyConfig, worker_index: int) -> optuna.samplers.Base
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     """The study's pruner; epochs are the resource Hyperband allocates."""
     pruner = config.pruner
+    min_resource, warmup_steps = pruner.first_step(config.train.epochs)
     if pruner.kind == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=pruner.min_resource, max_resource=config.train.epochs,
+            min_resource=min_resource, max_resource=config.train.epochs,
             reduction_factor=pruner.reduction_factor)
     if pruner.kind == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=pruner.min_resource, reduction_factor=pruner.reduction_factor)
+            min_resource=min_resource, reduction_factor=pruner.reduction_factor)
     if pruner.kind == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps)
+            n_startup_trials=pruner.n_startup_trials, n_warmup_steps=warmup_steps)
     return optuna.pruners.NopPruner()
 
 

@@ -96,7 +96,8 @@ def test_plain_trials_train_full_length_whatever_the_study_says(workdir):
     path = write_study(workdir, data, n_trials=2, epochs=3, fusion='["none"]',
                        pruner="hyperband")
     path.write_text(path.read_text().replace("patience = 5", "patience = 1"))
-    ours = study_config(str(path), workdir, "ours")
+    # No start point, so that ours samples its first trial as the plain search does.
+    ours = study_config(str(path), workdir, "ours", sampler={"start_with": []})
     plain = study_config(str(path), workdir, "plain", **plain_overrides(3))
     assert (plain.pruner.kind, plain.train.patience) == ("none", 3)
     a, b = run_plain("plain", plain), run_default("ours", ours)

@@ -68,10 +68,36 @@ def test_start_points_keep_the_values_the_space_can_draw(tmp_path):
                                          {"balance": "none"}]
 
 
-def test_the_default_study_is_valid():
-    config = read_study_file("apples")
-    assert config.name == "apples"
-    assert config.data.demo == "apples"
+def test_without_start_with_the_first_trial_is_the_centre_of_the_space(tmp_path):
+    config = read_study_file(str(write(tmp_path, good_text())))
+    [point] = config.start_points()
+    assert point == {"fusion": "joint", "dropout": 0.25, "lr": pytest.approx(10 ** -2.5)}
+    text = good_text().replace('fusion = ["none", "early", "joint", "late"]',
+                               'fusion = ["none", "late", "early"]')
+    text = text.replace("dropout = [0.0, 0.5]", "dropout = { low = 0.0, high = 0.5, step = 0.2 }")
+    text = text.replace("batch_size = { choices = [16, 32] }", "batch_size = [16, 64]")
+    point = read_study_file(str(write(tmp_path, text))).start_points()[0]
+    assert point["fusion"] == "late" and point["dropout"] == pytest.approx(0.2)
+    assert point["batch_size"] == 40 and isinstance(point["batch_size"], int)
+    for point in config.start_points()[0].items():
+        assert config.space.get(point[0]).describe_miss(point[1]) is None
+
+
+def test_start_with_replaces_the_centre_and_an_empty_list_means_none(tmp_path):
+    text = good_text() + '\n[sampler]\nstart_with = [{ fusion = "none" }]\n'
+    assert read_study_file(str(write(tmp_path, text))).start_points() == [{"fusion": "none"}]
+    empty = good_text() + "\n[sampler]\nstart_with = []\n"
+    assert read_study_file(str(write(tmp_path, empty))).start_points() == []
+    rgb_only = good_text().replace('fusion = ["none", "early", "joint", "late"]',
+                                   'fusion = ["none"]')
+    assert "fusion" not in read_study_file(str(write(tmp_path, rgb_only))).start_points()[0]
+
+
+@pytest.mark.parametrize(("study", "second"), [("apples", "depth"), ("garbage", "text")])
+def test_the_shipped_studies_are_valid(study, second):
+    config = read_study_file(study)
+    assert config.name == config.data.demo == study
+    assert config.data.second_modality == second
 
 
 def test_name_resolves_to_studies_folder(tmp_path):
@@ -187,3 +213,16 @@ def test_every_pruner_kind_makes_optunas_pruner(tmp_path, kind, expected):
     text = good_text() + f'\n[pruner]\nkind = "{kind}"\nmin_resource = 2\n'
     pruner = make_pruner(read_study_file(str(write(tmp_path, text))))
     assert type(pruner).__name__ == expected
+
+
+def test_the_default_pruner_decides_at_half_the_epochs(tmp_path):
+    from search.study.open import make_pruner
+
+    text = good_text().replace("epochs = 2", "epochs = 12")
+    config = read_study_file(str(write(tmp_path, text)))
+    assert (config.pruner.kind, config.pruner.first_step(12)) == ("successive_halving", (6, 6))
+    pruner = make_pruner(config)
+    assert (pruner._min_resource, pruner._reduction_factor) == (6, 2)
+    explicit = text + '\n[pruner]\nkind = "median"\nmin_resource = 3\nn_warmup_steps = 2\n'
+    assert read_study_file(str(write(tmp_path, explicit))).pruner.first_step(12) == (3, 2)
+    assert config.pruner.first_step(1) == (1, 1)  # never a rung at step 0

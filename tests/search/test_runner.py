@@ -90,6 +90,15 @@ def test_start_points_run_first_and_only_once(workdir, tiny_data):
     assert trials[2].system_attrs["fixed_params"] == {}  # a budget trial: all sampled
 
 
+def test_without_start_points_the_first_trial_is_the_centre_of_the_space(workdir, tiny_data):
+    study_file = write_study(workdir, tiny_data, n_trials=1, epochs=1)  # names no start_with
+    run("--study", str(study_file))
+    [trial] = load().get_trials()
+    assert trial.system_attrs["fixed_params"] == {
+        "fusion": "joint", "dropout": pytest.approx(0.15), "lr": pytest.approx(10 ** -2.5)}
+    assert trial.params["fusion"] == "joint" and trial.state == TrialState.COMPLETE
+
+
 def test_two_workers_finish_the_shared_budget_exactly(workdir, tiny_data):
     study_file = write_study(workdir, tiny_data, n_trials=5, epochs=1)
     run("--study", str(study_file), "--workers", "2")
