@@ -20,8 +20,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
 from bench._searches import mean, print_table
-from search.data.index import load_index
 from search.data.demo_garbage import generate_garbage
+from search.data.index import load_index
 
 
 def score(root: Path, seed: int) -> tuple[float, float, float]:
