@@ -54,7 +54,6 @@ val_fraction = 0.25
 test_fraction = 0.2
 
 [augment]
-balance = "oversample"
 ops = ["flip_left_right"]
 
 [train]
@@ -66,6 +65,7 @@ warmup_epochs = 0
 threads = 1
 
 [space]
+balance = "oversample"
 backbone = ["b0"]
 fusion = {fusion}
 dropout = [0.0, 0.3]

@@ -17,11 +17,8 @@ from search.trial.train import TrialParams
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_trial_params_has_one_field_per_row_in_the_table_s_order():
+def test_trial_params_has_one_field_per_row_of_the_table():
     fields = dataclasses.fields(TrialParams)
-    assert [f.name for f in fields] == [
-        "backbone", "fusion", "dropout", "optimizer", "lr", "weight_decay", "batch_size",
-        "label_smoothing", "balance", "depth_backbone", "late_rule"]
     assert {f.name for f in fields} == {h.name for h in HYPERPARAMETERS}
     for field in fields:  # the defaults TrialParams has are the table's
         if field.default is not dataclasses.MISSING:
