@@ -48,7 +48,8 @@ from search.data.demo import ensure_demo
 
 MARGIN = 0.01
 # The studies whose validation results chose the defaults (schema, pruner, schedule, start
-# points): bench/README.md, "Choosing the defaults". Figures on any other study are held out.
+# points): bench/README.md, "Stopping a trial, and choosing the defaults". Figures on any
+# other study are held out.
 TUNED_ON = frozenset({"apples"})
 
 

@@ -147,9 +147,9 @@ class TrainConfig(_Section):
 
 
 class PrunerConfig(_Section):
-    # The defaults were chosen on the apples' validation curves (bench/README.md, "Choosing
-    # the defaults"): before half the epochs a trial's val F1 ranked trials poorly, even
-    # inversely, against their final best; from there on it ranked them well.
+    # The defaults were chosen on the apples' validation curves (bench/README.md, "Stopping
+    # a trial, and choosing the defaults"): before half the epochs a trial's val F1 ranked
+    # trials poorly, even inversely, against their final best; from there on, well.
     kind: Literal["hyperband", "successive_halving", "median", "none"] = "successive_halving"
     # First rung (steps count from 0); "auto" = half of train.epochs.
     min_resource: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"
@@ -231,7 +231,7 @@ class StudyConfig(_Section):
         range at its middle (geometric middle for log ranges); the sampler draws the rest.
         With a handful of trials, a random start-up can spend most of the budget on
         rgb-only models and on the edges of the ranges; a first trial at the centre gives
-        TPE one sound point to model from (bench/README.md, "Choosing the defaults").
+        TPE one sound point to model from (bench/README.md, "Stopping a trial").
         """
         if self.sampler.start_with is not None:
             return list(self.sampler.start_with)
