@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
 
 from augment.inputs import check_images, check_labels, check_target
 from augment.ops import validate_ops
@@ -116,10 +117,11 @@ def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> np.ndarra
     ``labels``; a class with no samples gets weight 0 (it never appears in the loss), which
     keeps the sample-weighted mean at 1.
     """
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    present = counts > 0
+    # scikit-learn's "balanced" weights are this formula over the classes it is given; it
+    # refuses classes absent from ``labels``, so those are left at 0 here.
+    present = np.unique(labels)
     weights = np.zeros(num_classes, np.float64)
-    weights[present] = labels.size / (present.sum() * counts[present])
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
     return weights.astype(np.float32)
 
 

@@ -155,5 +155,5 @@ def test_dockerfile_installs_the_project_and_runs_search():
     cmd = next(args for op, args in instructions if op == "CMD")
     words = yaml.safe_load(cmd)  # exec form is a JSON (so YAML) list
     assert words[0] == "search" and words[0] in PYPROJECT["project"]["scripts"]
-    parse_cli(words[:1] + ["worker", "--study", "apples"])  # the image's CLI has the commands
+    parse_cli([*words[:1], "worker", "--study", "apples"])  # the image's CLI has the commands
     assert (ROOT / "studies" / "apples.toml").is_file()  # the default SEARCH_STUDY

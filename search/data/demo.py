@@ -238,7 +238,8 @@ def _shade(
     nx, ny = shape.u / scale, shape.w / scale
     lx, ly, lz = light.tolist()
     diffuse = np.clip(nx * lx + ny * ly + nz * lz, 0, 1)
-    hx, hy, hz = (light + [0.0, 0.0, 1.0]) / np.linalg.norm(light + [0.0, 0.0, 1.0])
+    half = light + np.array([0.0, 0.0, 1.0])  # Blinn's half vector (light is an array)
+    hx, hy, hz = half / np.linalg.norm(half)
     spec = np.clip(nx * hx + ny * hy + nz * hz, 0, 1) ** rng.uniform(20, 60)
     return colour * (0.3 + 0.8 * diffuse)[..., None] + 255 * rng.uniform(0.3, 0.7) * spec[..., None]
 

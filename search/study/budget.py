@@ -160,7 +160,7 @@ class StudyLock:
         db_path = self._url.removeprefix("sqlite:///") or "memory"
         lock_path = Path(f"{db_path}.{_slug(self._name)}.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(lock_path, "a+")  # noqa: SIM115 - held across calls
+        self._file = open(lock_path, "a+")
         fcntl.flock(self._file, fcntl.LOCK_EX)
 
     def _acquire_server(self) -> None:

@@ -119,7 +119,7 @@ def _start_worker(config: StudyConfig, storage_url: str, n_trials: int,
     command = [sys.executable, "-m", "search", "worker", "--study", str(config.source),
                "--storage", storage_url, "--n-trials", str(n_trials),
                "--worker-index", str(plan.index), "--threads", str(plan.threads)]
-    log = open(logs / f"worker-{plan.index}.log", "a")  # noqa: SIM115 - child owns it
+    log = open(logs / f"worker-{plan.index}.log", "a")
     # Own session: a terminal Ctrl-C reaches only us, and we forward exactly one SIGINT.
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)

@@ -47,7 +47,6 @@ class Evaluation:
     accuracy: float
     per_class_f1: list[float]
     confusion: list[list[int]]
-    probabilities: np.ndarray
 
 
 @dataclass
@@ -95,6 +94,9 @@ class WarmupCosine:
     its value shows what its parameters can do (most of the F1 comes in the low-LR epochs;
     bench/README.md, "Stopping a trial"). A callable object rather than a closure, so that
     ``LambdaLR.state_dict`` saves the anneal point with the resume state.
+
+    Why not torch's ``SequentialLR(LinearLR, CosineAnnealingLR)``: those fix the milestones
+    when they are built, and the anneal moves the end of the decay while training runs.
     """
 
     FLOOR = 0.05
@@ -147,9 +149,8 @@ def evaluate(model: nn.Module, split: Split, *, device: torch.device, speed: Spe
         batch = split.batch(rows, device, speed.channels_last)
         with _autocast(device, speed):
             logits = model(batch)
-        chunks.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    probabilities = np.concatenate(chunks)
-    predicted = probabilities.argmax(axis=1)
+        chunks.append(logits.argmax(dim=1).cpu().numpy())
+    predicted = np.concatenate(chunks)
     labels = list(range(num_classes))
     return Evaluation(
         macro_f1=float(f1_score(split.labels, predicted, average="macro", labels=labels,
@@ -158,7 +159,6 @@ def evaluate(model: nn.Module, split: Split, *, device: torch.device, speed: Spe
         per_class_f1=[float(v) for v in f1_score(split.labels, predicted, average=None,
                                                   labels=labels, zero_division=0)],
         confusion=confusion_matrix(split.labels, predicted, labels=labels).tolist(),
-        probabilities=probabilities,
     )
 
 

@@ -26,7 +26,7 @@ def dihedral(image: np.ndarray) -> list[np.ndarray]:
 
 def test_strategy_table() -> None:
     assert augment.list_strategies() == ["oversample", "class_weights", "none"]
-    with pytest.raises(ValueError, match="unknown balance strategy 'smote'.*oversample"):
+    with pytest.raises(ValueError, match=r"unknown balance strategy 'smote'.*oversample"):
         augment.balance("smote", {}, np.zeros(1, np.int64))
 
 

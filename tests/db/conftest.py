@@ -148,7 +148,7 @@ def tiny_study(workdir: Path, *, n_trials: int, epochs: int = 1, name: str = "ti
 def start_worker(study_file: Path, storage_url: str, *, n_trials: int, index: int,
                  workdir: Path) -> subprocess.Popen:
     """``search worker`` as its own process, logging to ``worker-<index>.log``."""
-    log = open(workdir / f"worker-{index}.log", "w")  # noqa: SIM115 - the child owns it
+    log = open(workdir / f"worker-{index}.log", "w")
     command = [sys.executable, "-m", "search", "worker", "--study", str(study_file),
                "--storage", storage_url, "--n-trials", str(n_trials),
                "--worker-index", str(index), "--threads", "1"]

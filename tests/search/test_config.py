@@ -190,7 +190,7 @@ def test_missing_data_root_without_demo(tmp_path):
     text = good_text().replace('root = "{root}"', 'root = "/no/such/folder"')
     path = tmp_path / "s.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="data.root: folder /no/such/folder does not exist"):
+    with pytest.raises(ConfigError, match=r"data\.root: folder /no/such/folder does not exist"):
         read_study_file(str(path))
 
 

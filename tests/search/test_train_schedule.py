@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ def test_planned_schedule_warms_up_then_decays_to_the_floor():
     schedule = WarmupCosine(total_steps=100, warmup_steps=10)
     factors = [schedule(step) for step in range(101)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     assert factors[100] == pytest.approx(WarmupCosine.FLOOR)
 
 
@@ -93,5 +94,5 @@ def test_a_resumed_trial_keeps_its_anneal():
 
 
 def test_no_plateau_no_anneal():
-    result, epochs = _train(patience=12, epochs=6)
+    _result, epochs = _train(patience=12, epochs=6)
     assert epochs == list(range(6))
