@@ -32,6 +32,7 @@ from torch import nn
 
 import models
 from search.bundle.files import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, ONNX_FILE, WEIGHTS_FILE
+from search.bundle.interval import bootstrap_macro_f1
 from search.config import StudyConfig
 from search.data.decode import bundle_preprocess_section
 from search.data.prepared import Split, prepare_data
@@ -208,10 +209,14 @@ def bundle_preprocess(trained: TrialModel) -> dict:
 def bundle_metrics(trained: TrialModel, test: Evaluation, n_test: int) -> dict:
     """Validation metrics from the trial, test metrics from :func:`search.trial.train.evaluate`."""
     attrs = trained.trial.user_attrs
+    interval = bootstrap_macro_f1(test.confusion)
     return {
         "val_macro_f1": trained.trial.value,
         "val_accuracy": attrs.get("accuracy"),
         "test_macro_f1": test.macro_f1,
+        "test_macro_f1_interval": interval.to_dict(),
+        # The winner was chosen on validation: this is how much of its score was selection.
+        "val_test_gap": (trained.trial.value or 0.0) - test.macro_f1,
         "test_accuracy": test.accuracy,
         "per_class_f1": {
             "val": attrs.get("per_class_f1", {}),
@@ -349,13 +354,17 @@ def _opset(path: Path) -> int | None:
 
 def _report(console: Console, meta: dict, out: Path) -> None:
     metrics = meta["metrics"]
+    interval = metrics["test_macro_f1_interval"]
     sizes = ", ".join(f"{name} ({(out / name).stat().st_size / 1e6:.1f} MB)"
                       for name in (ONNX_FILE, WEIGHTS_FILE))
     lines = [
         f"exported trial {meta['trial']['number']} of study {meta['study']['name']!r} to {out}",
         f"  val macro F1 {metrics['val_macro_f1']:.4f} | test macro F1 "
-        f"{metrics['test_macro_f1']:.4f} | test accuracy {metrics['test_accuracy']:.4f} "
+        f"{metrics['test_macro_f1']:.4f} (95% interval {interval['low']:.3f}-"
+        f"{interval['high']:.3f}) | test accuracy {metrics['test_accuracy']:.4f} "
         f"({metrics['test_samples']} samples)",
+        f"  val - test gap {metrics['val_test_gap']:+.4f}: the trial was chosen on validation, "
+        f"so its val score is optimistic; the test score is the one to expect",
         f"  onnxruntime vs PyTorch, test split: max |logit diff| "
         f"{meta['onnx_max_abs_diff']:.1e} (tolerance {meta['onnx_tolerance']:.1e})",
         f"  files: {sizes}, {META_FILE}",

@@ -129,6 +129,12 @@ def test_bundle_holds_the_three_files_and_model_json_follows_the_contract(in_stu
     assert set(metrics["per_class_f1"]["test"]) == {"green", "red", "yellow"}
     assert np.asarray(metrics["test_confusion"]).sum() == metrics["test_samples"] == 11
     assert 0.0 <= metrics["test_macro_f1"] <= 1.0 and 0.0 <= metrics["test_accuracy"] <= 1.0
+    interval = metrics["test_macro_f1_interval"]
+    assert interval["low"] <= metrics["test_macro_f1"] <= interval["high"]
+    assert interval["level"] == 0.95 and interval["replicates"] == 2000
+    assert metrics["val_test_gap"] == pytest.approx(best.value - metrics["test_macro_f1"])
+    assert f"(95% interval {interval['low']:.3f}-{interval['high']:.3f})" in in_study.export_output
+    assert "val - test gap" in in_study.export_output
     assert 0.0 <= meta["onnx_max_abs_diff"] <= meta["onnx_tolerance"]
     assert meta["onnx_tolerance"] == pytest.approx(1e-3 + 1e-4 * meta["onnx_max_abs_logit"])
     assert "max |logit diff|" in in_study.export_output
