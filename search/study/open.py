@@ -7,6 +7,7 @@ creates anything: a missing SQLite file or study is one clear line instead of an
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +18,10 @@ from sqlalchemy.exc import ArgumentError
 from search.config import StudyConfig
 from search.errors import StorageError, UserError
 from search.study.budget import StudyLock, queue_start_points
-from search.study.storage import check_reachable, get_storage, normalize_url, redact
+from search.study.storage import check_reachable, get_storage, normalize_url, redact, retrying
+
+# What the search maximises, as optuna-dashboard labels it.
+OBJECTIVE_NAME = "val macro F1"
 
 Mode = Literal["read", "run", "join"]
 
@@ -56,6 +60,7 @@ def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
         storage = get_storage(storage_url, heartbeat=config.heartbeat)
         study = optuna.create_study(study_name=config.name, storage=storage,
                                     direction="maximize", load_if_exists=True)
+        _name_objective(study)
         _record(study, config, budget)
         return study
     # Workers scaled by `docker compose` start together with no `search run` before them, so
@@ -70,6 +75,7 @@ def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
                                     sampler=make_sampler(config, worker_index),
                                     pruner=make_pruner(config))
         if "n_trials" not in study.user_attrs:  # created here, not by `search run`
+            _name_objective(study)
             _record(study, config, budget)
         queue_start_points(study, config.start_points(), budget)
     finally:
@@ -146,3 +152,11 @@ def study_artifacts_dir(config: StudyConfig, study: optuna.Study) -> Path:
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     return config.artifacts_dir
+
+
+def _name_objective(study: optuna.Study) -> None:
+    """Show "val macro F1" instead of "Objective Value" in optuna-dashboard's plots."""
+    if study.metric_names is None:  # written once; each worker's run need not rewrite it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retrying(study.set_metric_names, [OBJECTIVE_NAME])

@@ -1,4 +1,5 @@
-"""Trial artifacts in Optuna's artifact store: checkpoint, confusion matrix, metrics.
+"""Trial artifacts in Optuna's artifact store: checkpoint, confusion matrix, learning curve,
+metrics; and the trial's note in optuna-dashboard.
 
 The checkpoint holds everything export needs to rebuild the network without the data set:
 the model spec, the weights, the class names and the preprocessing.
@@ -22,6 +23,7 @@ import matplotlib.pyplot as plt
 
 CHECKPOINT = "checkpoint.pt"
 CONFUSION = "confusion_matrix.png"
+LEARNING_CURVE = "learning_curve.png"
 METRICS = "metrics.json"
 
 
@@ -50,9 +52,41 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str],
     plt.close(fig)
 
 
+def learning_curve_png(path: Path, history: list[float], best_epoch: int, title: str) -> None:
+    """Validation macro F1 per epoch, the kept epoch marked: is the curve still rising?"""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    epochs = range(1, len(history) + 1)
+    ax.plot(epochs, history, marker="o", markersize=3, label="val macro F1")
+    if 0 <= best_epoch < len(history):
+        ax.plot([best_epoch + 1], [history[best_epoch]], "r*", markersize=12,
+                label=f"kept: epoch {best_epoch + 1}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val macro F1")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def trial_note(metrics: dict, timing: dict[str, float]) -> str:
+    """The Markdown note optuna-dashboard shows on a finished trial's page."""
+    rows = "\n".join(f"| {name} | {f1:.3f} |"
+                      for name, f1 in zip(metrics["classes"], metrics["per_class_f1"],
+                                          strict=True))
+    spent = ", ".join(f"{key.removesuffix('_s')} {seconds:.1f} s"
+                      for key, seconds in timing.items() if key != "total_s")
+    return (f"**val macro F1 {metrics['macro_f1']:.4f}** at epoch {metrics['best_epoch'] + 1} "
+            f"of {len(metrics['history'])} (accuracy {metrics['accuracy']:.3f})\n\n"
+            f"| class | val F1 |\n| --- | --- |\n{rows}\n\n"
+            f"Time: {timing.get('total_s', 0.0):.1f} s in all ({spent}).\n")
+
+
 def upload_trial_artifacts(store: FileSystemArtifactStore, trial: optuna.Trial, *,
                            checkpoint: dict, metrics: dict, classes: list[str]) -> None:
-    """Write the three artifacts of a finished trial into the store."""
+    """Write the four artifacts of a finished trial into the store."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         torch.save(checkpoint, folder / CHECKPOINT)
@@ -60,7 +94,9 @@ def upload_trial_artifacts(store: FileSystemArtifactStore, trial: optuna.Trial, 
         confusion_png(folder / CONFUSION, metrics["confusion"], classes,
                       metrics["per_class_f1"],
                       f"trial {trial.number}: val macro F1 {metrics['macro_f1']:.3f}")
-        for name in (CHECKPOINT, CONFUSION, METRICS):
+        learning_curve_png(folder / LEARNING_CURVE, metrics["history"], metrics["best_epoch"],
+                           f"trial {trial.number}")
+        for name in (CHECKPOINT, CONFUSION, LEARNING_CURVE, METRICS):
             optuna.artifacts.upload_artifact(
                 artifact_store=store, file_path=str(folder / name), study_or_trial=trial)
 

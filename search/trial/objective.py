@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna_dashboard import save_note
 
 import models
 from search import space
@@ -16,7 +17,7 @@ from search.config import StudyConfig, weights_file
 from search.data.prepared import PreparedData
 from search.errors import UserError
 from search.study.storage import retrying
-from search.trial.artifacts import upload_trial_artifacts
+from search.trial.artifacts import trial_note, upload_trial_artifacts
 from search.trial.train import Speedups, TrialParams, train
 
 
@@ -156,6 +157,7 @@ class Objective:
         timing = {**result.timing, "prepare_s": data_s, "storage_s": self.storage_s,
                   "artifacts_s": artifacts_s, "total_s": time.perf_counter() - started}
         self._attrs(trial, {"timing": timing})
+        retrying(save_note, trial, trial_note(metrics, timing))
         resume_path.unlink(missing_ok=True)
         return result.best.macro_f1
 

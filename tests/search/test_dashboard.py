@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from search.cli import app
-from search.trial.artifacts import CHECKPOINT, CONFUSION, METRICS
+from search.trial.artifacts import CHECKPOINT, CONFUSION, LEARNING_CURVE, METRICS
 from tests.search.conftest import write_study
 from tests.search.test_export import STUDY_FILE, build_exported_study
 
@@ -96,13 +96,22 @@ def test_dashboard_lists_the_study_its_trials_and_their_artifacts(dashboard):
     assert f"open {base}/dashboard/studies/{study_id}" in log.read_text()
 
     _, body = get(f"{base}/api/studies/{study_id}")
-    trials = json.loads(body)["trials"]
+    detail = json.loads(body)
+    assert detail["objective_names"] == ["val macro F1"]  # set_metric_names, as served
+    trials = detail["trials"]
     assert [t["state"] for t in trials] == ["Complete"]
+    note = trials[0]["note"]["body"]
+    assert f"**val macro F1 {trials[0]['values'][0]:.4f}**" in note
+    assert all(f"| {name} |" in note for name in ("green", "red", "yellow"))
     artifacts = {a["filename"]: a for a in trials[0]["artifacts"]}
-    assert set(artifacts) == {CHECKPOINT, CONFUSION, METRICS}
+    assert set(artifacts) == {CHECKPOINT, CONFUSION, LEARNING_CURVE, METRICS}
     png = artifacts[CONFUSION]
     status, image = get(f"{base}/artifacts/{study_id}/{trials[0]['trial_id']}/"
                         f"{png['artifact_id']}")
+    assert status == 200 and image.startswith(b"\x89PNG")
+    curve = artifacts[LEARNING_CURVE]
+    status, image = get(f"{base}/artifacts/{study_id}/{trials[0]['trial_id']}/"
+                        f"{curve['artifact_id']}")
     assert status == 200 and image.startswith(b"\x89PNG")
 
 

@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 import models
 from models.backbones import create_backbone
 from search.cli import app
-from search.trial.artifacts import CHECKPOINT, CONFUSION, METRICS, create_artifact_store
+from search.trial.artifacts import (
+    CHECKPOINT,
+    CONFUSION,
+    LEARNING_CURVE,
+    METRICS,
+    create_artifact_store,
+)
 from tests.search.conftest import make_dataset, write_study
 
 pytestmark = pytest.mark.slow
@@ -48,7 +54,7 @@ def test_run_stores_complete_trials_attributes_and_artifacts(workdir, tiny_data)
         assert {"data_s", "train_s", "val_s", "storage_s", "artifacts_s"} <= set(attrs["timing"])
         metas = get_all_artifact_meta(trial, storage=study._storage)
         files = {m.filename: m.artifact_id for m in metas}
-        assert set(files) == {CHECKPOINT, CONFUSION, METRICS}
+        assert set(files) == {CHECKPOINT, CONFUSION, LEARNING_CURVE, METRICS}
         download_artifact(artifact_store=store, artifact_id=files[METRICS],
                           file_path=str(workdir / "m.json"))
         metrics = json.loads((workdir / "m.json").read_text())
