@@ -56,6 +56,8 @@ class StudySection(_Section):
     heartbeat_interval_s: Annotated[int, Field(gt=0)] = _BEATS.interval_s
     heartbeat_grace_s: Annotated[int, Field(gt=0)] = _BEATS.grace_s
     max_retry: Annotated[int, Field(ge=0)] = _BEATS.max_retry
+    # `search run` restarts a worker that died this many times (its trial resumes each time).
+    max_worker_restarts: Annotated[int, Field(ge=0)] = 3
 
     @model_validator(mode="after")
     def _grace_longer_than_interval(self) -> StudySection:

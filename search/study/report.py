@@ -15,6 +15,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from search.study.requeue import reason as requeue_reason
+from search.study.requeue import requeued_numbers
+
 TIMING_KEYS = ("prepare_s", "data_s", "train_s", "val_s", "storage_s", "artifacts_s")
 
 
@@ -27,6 +30,7 @@ class Progress:
     best: FrozenTrial | None
     elapsed_s: float
     eta_s: float | None
+    requeued: int = 0  # FAIL trials that were interrupted and came back as a resuming copy
 
     @property
     def done(self) -> int:
@@ -35,9 +39,11 @@ class Progress:
     def line(self) -> str:
         """One line: ``7/20 done (5 complete, 2 pruned, 0 failed, 2 running) | best ...``."""
         c = self.counts
+        failed = c.get(TrialState.FAIL, 0) - self.requeued
         text = (f"{self.done}/{self.n_trials} done ({c.get(TrialState.COMPLETE, 0)} complete, "
-                f"{c.get(TrialState.PRUNED, 0)} pruned, {c.get(TrialState.FAIL, 0)} failed, "
-                f"{c.get(TrialState.RUNNING, 0)} running)")
+                f"{c.get(TrialState.PRUNED, 0)} pruned, {failed} failed, "
+                + (f"{self.requeued} requeued, " if self.requeued else "")
+                + f"{c.get(TrialState.RUNNING, 0)} running)")
         if self.best is not None:
             text += f" | best val macro F1 {self.best.value:.4f} (trial {self.best.number}: "
             text += ", ".join(f"{k}={_short(v)}" for k, v in self.best.params.items()) + ")"
@@ -59,7 +65,8 @@ def progress(study: optuna.Study, n_trials: int, *, started: float | None = None
     remaining = max(0, n_trials - len(finished))
     eta = statistics.mean(durations) * remaining / max(1, workers) if durations else None
     elapsed = time.time() - started if started else _study_span(trials)
-    return Progress(n_trials, counts, best, elapsed, eta)
+    requeued = len(requeued_numbers(trials))
+    return Progress(n_trials, counts, best, elapsed, eta, requeued)
 
 
 def best_trials_table(study: optuna.Study, *, top: int = 5) -> Table:
@@ -99,10 +106,18 @@ def timing_table(study: optuna.Study) -> Table:
 
 
 def failures(study: optuna.Study) -> list[str]:
-    """One line per failed trial with Optuna's recorded reason."""
+    """One line per failed trial with its reason; requeued trials are listed apart."""
+    trials = study.get_trials(deepcopy=False)
+    requeued = requeued_numbers(trials)
     lines = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        reason = trial.user_attrs.get("fail_reason") or "worker died (heartbeat) or interrupted"
+    for trial in trials:
+        if trial.state != TrialState.FAIL:
+            continue
+        if trial.number in requeued:
+            lines.append(f"trial {trial.number} requeued ({requeue_reason(trial)}); "
+                         "its copy resumed from the last finished epoch")
+            continue
+        reason = trial.user_attrs.get("fail_reason") or "interrupted (Ctrl-C) or worker died"
         lines.append(f"trial {trial.number} failed: {reason.strip().splitlines()[-1]}")
     return lines
 

@@ -27,6 +27,7 @@ from search.errors import WorkersFailedError
 from search.study.open import open_study
 from search.study.report import best_trials_table, failures, progress
 from search.study.storage import retrying
+from search.study.supervisor import Supervisor
 from search.trial.objective import pick_device
 
 STOP_GRACE_S = 60
@@ -84,15 +85,18 @@ def run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None = N
                               for p in plans) if plans[0].gpu is not None
                      else f"CPU ({plans[0].threads} threads each)")
                   + f"; logs in {config.run_dir / 'logs'}")
-    processes = [_start_worker(config, storage_url, n_trials, plan) for plan in plans]
+    supervisor = Supervisor(
+        study, n_trials, lambda index: _start_worker(config, storage_url, n_trials, plans[index]),
+        len(plans), max_restarts=config.study.max_worker_restarts, console=console)
     try:
-        _watch(study, n_trials, processes, console)
+        _watch(study, n_trials, supervisor, console)
     except KeyboardInterrupt:
         console.print("interrupted: stopping workers (their running trials are marked FAIL)")
-        _stop(processes)
-        _fail_orphans(study, processes)
+        _stop(supervisor.processes)
+        _fail_orphans(study, supervisor.processes)
         console.print(f"run `search run --study {config.source}` to continue")
         raise
+    processes = supervisor.processes
     _fail_orphans(study, processes)
     _report_worker_errors(processes, config, console)
     final = progress(study, n_trials)
@@ -128,16 +132,17 @@ def _start_worker(config: StudyConfig, storage_url: str, n_trials: int,
     return process
 
 
-def _watch(study: optuna.Study, n_trials: int, processes: list[subprocess.Popen],
+def _watch(study: optuna.Study, n_trials: int, supervisor: Supervisor,
            console: Console) -> None:
-    """Live progress line until every worker has exited."""
+    """Live progress line until every worker has exited for good (restarts included)."""
     started = time.time()
     interactive = console.is_terminal
     last_state, last_print = None, 0.0
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
-            running = any(p.poll() is None for p in processes)
-            state = retrying(progress, study, n_trials, started=started, workers=len(processes))
+            running = supervisor.poll()
+            state = retrying(progress, study, n_trials, started=started,
+                             workers=len(supervisor.slots))
             if interactive:
                 live.update(state.line(), refresh=True)
             elif (state.counts, state.best) != last_state or time.time() - last_print > 60:
@@ -164,7 +169,8 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 
 
 def _fail_orphans(study: optuna.Study, processes: list[subprocess.Popen]) -> None:
-    """No trial of ours may stay RUNNING once its worker is gone."""
+    """No trial of ours may stay RUNNING once its worker is gone (after Ctrl-C: not requeued,
+    the user stopped the search on purpose)."""
     pids = {p.pid for p in processes}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get("worker_pid") in pids:

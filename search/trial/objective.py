@@ -16,6 +16,7 @@ from search import space
 from search.config import StudyConfig, weights_file
 from search.data.prepared import PreparedData
 from search.errors import UserError
+from search.study.requeue import INTERRUPTED
 from search.study.storage import retrying
 from search.trial.artifacts import trial_note, upload_trial_artifacts
 from search.trial.train import Speedups, TrialParams, train
@@ -120,8 +121,12 @@ class Objective:
     def _run(self, trial: optuna.Trial) -> float:
         started = time.perf_counter()
         if "origin_trial" not in trial.user_attrs:
-            # Heartbeat retries copy user attributes, so a retry finds its origin's state.
+            # Requeued copies keep user attributes, so a copy finds its origin's resume file.
             retrying(trial.set_user_attr, "origin_trial", trial.number)
+        if trial.user_attrs.get(INTERRUPTED):
+            # Inherited from the trial this copy replaces: keep it as history, and blank it so
+            # that if this copy is interrupted too, its own reason is recorded.
+            self._attrs(trial, {"resumed_after": trial.user_attrs[INTERRUPTED], INTERRUPTED: ""})
         self.storage_s = 0.0
         params = sample_params(trial, self.config)
         torch.manual_seed(self.config.study.seed + trial.number)

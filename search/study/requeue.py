@@ -1,0 +1,62 @@
+"""The one way a trial interrupted from outside comes back, whatever interrupted it.
+
+Optuna cannot move a trial from RUNNING back to WAITING. So a trial whose worker was killed
+(``search run`` saw the process die), preempted (SIGTERM from Slurm or Kubernetes) or went
+silent (a stale heartbeat, found by whichever worker polls next) ends FAIL, and a copy with the
+same parameters is queued. The copy is made by the storage's heartbeat-stale callback
+(Optuna's ``RetryHeartbeatStaleTrialCallback``): it keeps the user attributes, so the copy's
+``origin_trial`` names the resume file the killed trial wrote after its last finished epoch
+(:mod:`search.trial.objective`), and the intermediate values, so pruning sees one history.
+A FAIL trial that has such a copy is a requeue, not a failure: ``search status`` and the
+failure counts tell them apart.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.study.storage import retrying
+
+# User attribute: why a trial was ended from outside ("killed by SIGKILL", "preempted", ...).
+# The copy inherits it, so it also says why the copy exists.
+INTERRUPTED = "interrupted"
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    """End the RUNNING ``trial`` as FAIL with ``reason`` and queue its resuming copy.
+
+    Returns False when the trial had finished meanwhile (nothing to do). Safe to call from a
+    process other than the trial's worker: everything goes through the storage.
+    """
+    storage = study._storage
+    try:
+        retrying(storage.set_trial_user_attr, trial._trial_id, INTERRUPTED, reason)
+    except RuntimeError:  # finished between our read and this write
+        return False
+    retrying(study.tell, trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    failed = retrying(storage.get_trial, trial._trial_id)
+    if failed.state != TrialState.FAIL or failed.user_attrs.get(INTERRUPTED) != reason:
+        return False  # it completed or was pruned before our FAIL landed
+    callback = storage.get_heartbeat_stale_trial_callback()
+    if callback is not None:  # the same copy a stale heartbeat gets; max_retry applies
+        retrying(callback, study, failed)
+    return True
+
+
+def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the FAIL trials that have a queued, running or finished copy.
+
+    Optuna's callback appends every failed predecessor to the copy's ``retry_history`` (its
+    ``failed_trial`` keeps naming the first one), so a copy of a copy lists both.
+    """
+    return {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+
+
+def reason(trial: FrozenTrial) -> str:
+    """Why a requeued trial ended, for ``search status``.
+
+    A copy inherits its predecessor's reason and the objective blanks it when the copy starts
+    (keeping it as ``resumed_after``), so an empty reason here means a stale heartbeat.
+    """
+    return trial.user_attrs.get(INTERRUPTED) or "its worker stopped sending heartbeats"

@@ -1,0 +1,80 @@
+"""`search run` with one worker: a SIGKILLed worker is restarted and its trial resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from search.study.supervisor import describe_exit
+from tests.search.conftest import write_study
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[2]
+
+
+def _trials(workdir: Path) -> list[FrozenTrial]:
+    db = workdir / "runs" / "tiny" / "study.db"
+    if not db.exists():
+        return []  # `search run` has not created the study yet
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}").get_trials()
+
+
+def _wait_for(workdir: Path, ready, run: subprocess.Popen, timeout_s: float = 240) -> FrozenTrial:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and run.poll() is None:
+        for trial in _trials(workdir):
+            if ready(trial):
+                return trial
+        time.sleep(0.3)
+    run.kill()
+    pytest.fail(f"no trial became ready (run exited {run.poll()}): {run.communicate()[0]}")
+
+
+def test_a_killed_single_worker_is_restarted_and_its_trial_resumes(workdir, tiny_data):
+    study_file = write_study(workdir, tiny_data, n_trials=1, epochs=5, fusion='["early"]',
+                             extra="")
+    study_file.write_text(study_file.read_text().replace("patience = 5", "patience = 20"))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "search", "run", "--study", str(study_file)], cwd=workdir,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        # Two epochs reported: the first epoch's resume file is on disk.
+        victim = _wait_for(workdir, lambda t: t.state == TrialState.RUNNING
+                           and "worker_pid" in t.user_attrs
+                           and len(t.intermediate_values) >= 2, run)
+        os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
+        output, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, output
+    trials = _trials(workdir)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], output
+    killed, copy = trials
+    reason = f"worker 0 (pid {victim.user_attrs['worker_pid']}) killed by SIGKILL"
+    assert killed.user_attrs["interrupted"] == reason
+    assert copy.user_attrs["resumed_after"] == reason and copy.user_attrs["interrupted"] == ""
+    assert copy.system_attrs["failed_trial"] == killed.number
+    assert copy.params == killed.params
+    # Resumed, not restarted: the epochs before the kill are in its history, not retrained.
+    assert copy.user_attrs["epochs_run"] < len(copy.intermediate_values) == 5
+    assert set(killed.intermediate_values.items()) <= set(copy.intermediate_values.items())
+    assert "restarted it (1/3)" in output and "1/1 done" in output
+    assert "1 requeued" in output and "trial 0 requeued (" + reason in output
+    assert not list((workdir / "runs" / "tiny" / "artifacts" / "resume").glob("*.pt"))
+
+
+def test_exit_descriptions():
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(-signal.SIGTERM) == "killed by SIGTERM"
+    assert describe_exit(3) == "exited with code 3"
