@@ -80,7 +80,12 @@ def dry_run(config: StudyConfig, *, storage_url: str, n_trials: int | None = Non
 def first_trial(config: StudyConfig) -> TrialParams:
     """The parameters of the study's first trial: its first start point, the rest drawn by
     worker 0's sampler, asked of a throw-away in-memory study."""
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(config, 0))
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line here
+    try:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(config, 0))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     points = config.start_points()
     if points:
         study.enqueue_trial(points[0])
@@ -148,9 +153,11 @@ def _devices(plans: list[WorkerPlan], device: torch.device) -> str:
 
 
 def _print(plan: Plan, config: StudyConfig, console: Console) -> None:
-    out = console.print
-    out(f"plan for study {config.name!r} ({config.source}); dry run: nothing trained, "
-        "nothing stored")
+    def out(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    out(f"plan for study {config.name!r} ({config.source}); dry run: nothing is "
+        "trained and no study is stored")
     out(f"  workers: {len(plan.workers)} on {plan.devices}")
     budget = f"  budget: {plan.n_trials} trials (complete + pruned)"
     if plan.timeout_s:
@@ -163,9 +170,9 @@ def _print(plan: Plan, config: StudyConfig, console: Console) -> None:
     out("  each trial samples:")
     width = max(map(len, plan.sampled))
     for key, text in plan.sampled.items():
-        out(f"    {key.ljust(width)}  {text}", markup=False, highlight=False)
+        out(f"    {key.ljust(width)}  {text}")
     params = ", ".join(f"{k}={_short(v)}" for k, v in plan.first_trial.items())
-    out(f"  first trial: {params}", markup=False, highlight=False)
+    out(f"  first trial: {params}")
     out(f"  first trial's model: {plan.first_trial_params:,} parameters "
         f"({plan.first_trial_params * 4 / 2**20:.1f} MB in fp32) at "
         f"{config.train.resolution} px")
