@@ -91,6 +91,9 @@ def survey_data(path: Path, *, seed: int = 0) -> Survey:
         DataError: Nothing there, or the data set is invalid (the reader's own message).
     """
     root = path.parent if path.suffix.lower() == ".csv" else path
+    if root is not path and path.name != "train.csv":
+        raise DataError(f"{path}: the csv layout reads {root / 'train.csv'} (and val.csv, "
+                        "test.csv if there); name the training CSV train.csv")
     if not root.is_dir():
         raise DataError(f"data folder not found: {path}")
     fmt = "csv" if (root / "train.csv").is_file() else "folders"

@@ -132,6 +132,9 @@ def test_an_existing_study_file_is_kept_unless_forced(workdir):
 
 def test_bad_folders_get_the_same_one_line_errors_as_data_check(workdir):
     assert "not found" in one_line_error(init("--data", "nowhere"))
+    make_csv_dataset(workdir / "pets")
+    (workdir / "pets" / "train.csv").rename(workdir / "pets" / "mine.csv")
+    assert "name the training CSV train.csv" in one_line_error(init("--data", "pets/mine.csv"))
     assert not (workdir / "studies").exists()
 
     one_class = make_dataset(workdir / "one", counts={"red": 5}, modalities=("rgb",))
