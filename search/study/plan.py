@@ -56,6 +56,7 @@ def dry_run(config: StudyConfig, *, storage_url: str, n_trials: int | None = Non
             asked for is not there (the same one-line errors as ``search run``).
     """
     device = pick_device(config.train.device)
+    stored = stored_trials(config, storage_url)  # cheap, so before the data is decoded
     check_data(config.data, resolution=config.train.resolution, seed=config.study.seed,
                console=console)
     plans = plan_workers(config, workers)
@@ -68,7 +69,7 @@ def dry_run(config: StudyConfig, *, storage_url: str, n_trials: int | None = Non
         n_trials=n_trials,
         timeout_s=config.study.timeout_s,
         storage=redact(storage_url),
-        trials_stored=stored_trials(config, storage_url),
+        trials_stored=stored,
         sampled=describe_space(config),
         first_trial=vars(first),
         first_trial_params=sum(p.numel() for p in network.parameters()),

@@ -7,6 +7,7 @@ import re
 import optuna
 import pytest
 import sqlalchemy
+import torch
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
@@ -149,3 +150,12 @@ def test_a_study_written_by_init_passes_the_dry_run(workdir):
     assert result.exit_code == 0, result.output
     assert "first trial's model:" in result.output
     assert not (workdir / "runs" / "fruit").exists()
+
+
+def test_a_missing_gpu_or_a_bad_storage_url_is_one_line(workdir, tiny_data):
+    study = write_study(workdir, tiny_data)
+    assert "not a URL" in one_line_error(dry_run(study, "--storage", "nonsense"))
+    if not torch.cuda.is_available():
+        study.write_text(study.read_text().replace("[train]", '[train]\ndevice = "cuda"'))
+        assert "no CUDA GPU" in one_line_error(dry_run(study))
+    assert not (workdir / "runs" / "tiny").exists()
