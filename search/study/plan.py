@@ -28,7 +28,7 @@ from search.errors import StorageError, UserError
 from search.study.open import make_sampler, open_study
 from search.study.runner import WorkerPlan, physical_gpu, plan_workers
 from search.study.storage import check_reachable, normalize_url, redact
-from search.trial.objective import model_spec, pick_device
+from search.trial.objective import model_spec, pick_device, sample_params
 from search.trial.train import TrialParams
 
 
@@ -90,7 +90,7 @@ def first_trial(config: StudyConfig) -> TrialParams:
     points = config.start_points()
     if points:
         study.enqueue_trial(points[0])
-    return TrialParams(**space.sample_params(study.ask(), config))
+    return sample_params(study.ask(), config)  # as the objective draws them
 
 
 def describe_space(config: StudyConfig) -> dict[str, str]:
