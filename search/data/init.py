@@ -27,7 +27,7 @@ from search.data.index import DatasetIndex, fail, load_index
 from search.errors import ConfigError, DataError
 
 # Second modalities in the order init prefers them when a data set has several: a depth map
-# is a second image and gains the most from the fusions (README, "Search efficiency").
+# first, as every fusion accepts it (early fusion stacks it onto the photo's channels).
 SECOND_MODALITIES = ("depth", "numeric", "text")
 # Image sizes are read from at most this many training images (headers only, seeded draw).
 SIZE_SAMPLE = 200
@@ -51,7 +51,8 @@ class Hardware:
 
     def describe(self) -> str:
         if self.gpus:
-            return f"{self.gpus} GPU(s) with {self.gpu_memory_gb:.0f} GiB, {self.cpus} CPU cores"
+            return (f"{self.gpus} GPU(s) ({self.gpu_memory_gb:.0f} GiB on the first), "
+                    f"{self.cpus} CPU cores")
         return f"no GPU, {self.cpus} CPU cores"
 
 
@@ -164,7 +165,7 @@ def choose_settings(survey: Survey, hardware: Hardware) -> Settings:
                   else "a 2-core CPU trains b0 at 102 img/s at 64 px, 50 at 128 (bench/README.md)"))
     if gpu:
         backbones = ([b for b in ("b0", "b1", "b2") if b in models.list_backbones()],
-                     "fit one GPU at 224 px; add b3/b4 with a larger budget")
+                     "the smaller sizes fine-tuned on one GPU; add b3-b5 with a larger budget")
     else:
         backbones = (["b0"], "b1-b3 train 1.3-1.9x slower on a CPU at 64 px (bench/README.md)")
     second = survey.modalities[1] if len(survey.modalities) > 1 else None
@@ -175,14 +176,13 @@ def choose_settings(survey: Survey, hardware: Hardware) -> Settings:
                      if f != "none" and second in models.fusion_accepts(f)]
         fusions = (["none", *accepting], f"every fusion that accepts {second}, and rgb alone")
     n_train = len(survey.index.splits["train"])
-    # Small batches for small sets: at least a few optimizer steps per epoch.
     largest = 64 if gpu and hardware.gpu_memory_gb >= 12 else 32
     # Small sets get small batches: at least 4 optimizer steps per epoch.
     batch = min(largest, max(4, 2 ** (n_train // 4).bit_length() // 2))
     why_batch = (f"{n_train} training samples: at least 4 steps per epoch" if batch < largest
                  else "lower it if the GPU runs out of memory" if gpu
                  else "the shipped CPU studies' batch size")
-    epochs = (30, "fine-tuning budget per trial on a GPU") if gpu else \
+    epochs = (30, "what studies/apples.toml advises on GPUs") if gpu else \
         (12, "the shipped CPU study's budget (studies/apples.toml)")
     n_trials = (max(20, 10 * hardware.gpus), "about 10 per worker") if gpu else \
         (12, "one CPU worker")
@@ -194,7 +194,8 @@ def choose_settings(survey: Survey, hardware: Hardware) -> Settings:
                    f"{survey.imbalance:.1f}x imbalance; search both ways of balancing")
     else:
         balance = ("class_weights",
-                   f"{survey.imbalance:.1f}x imbalance; oversampling trains on more images")
+                   f"{survey.imbalance:.1f}x imbalance; oversampling trains on more images per "
+                   "epoch, slow on a CPU")
     return Settings(
         resolution=(resolution, why_res), backbones=backbones, fusions=fusions,
         epochs=epochs, batch_size=(batch, why_batch), n_trials=n_trials, balance=balance)
