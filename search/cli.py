@@ -59,15 +59,41 @@ def run(
     storage: StorageOption = None,
     n_trials: TrialsOption = None,
     workers: WorkersOption = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate the study file and the data, print the plan, train "
+        "nothing and store nothing.")] = False,
 ) -> None:
     """Search: create or continue the study and run workers until the budget is spent."""
     with user_errors():
         from search.config import read_study_file
-        from search.study.runner import run_study
 
         config = read_study_file(study)
+        if dry_run:
+            from search.study.plan import dry_run as plan_run
+
+            plan_run(config, storage_url=config.storage_url(storage), n_trials=n_trials,
+                     workers=workers, console=console)
+            return
+        from search.study.runner import run_study
+
         run_study(config, storage_url=config.storage_url(storage), n_trials=n_trials,
                   workers=workers, console=console)
+
+
+@app.command()
+def init(
+    data: Annotated[Path, typer.Option(
+        "--data", "-d", help="Data set folder (folders or csv layout), or its train.csv.")],
+    name: Annotated[str | None, typer.Option(
+        help="Study name: writes studies/NAME.toml (default: the data folder's name).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Overwrite an existing study file.")] = False,
+) -> None:
+    """Write a study file that fits a data set and this machine, each setting commented."""
+    with user_errors():
+        from search.data.init import init_study
+
+        init_study(data, name=name, force=force, console=console)
 
 
 @app.command()
