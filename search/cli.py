@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from search.errors import UserError
+from search.errors import Preempted, UserError
 
 # Optuna flags heartbeats and TPE's group mode as experimental; we rely on them on purpose.
 warnings.filterwarnings("ignore", message=".*(experimental|ExperimentalWarning).*")
@@ -48,6 +48,9 @@ def user_errors() -> Iterator[None]:
     except UserError as error:
         error_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
+    except Preempted as error:
+        error_console.print(f"preempted: {error}")
+        raise typer.Exit(Preempted.exit_code) from None
     except KeyboardInterrupt:
         error_console.print("interrupted")
         raise typer.Exit(130) from None

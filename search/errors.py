@@ -34,3 +34,14 @@ class WorkersFailedError(UserError):
 
 class BundleError(UserError):
     """An export bundle or a prediction input is invalid."""
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM reached a worker: Slurm or Kubernetes is about to take its machine away.
+
+    A ``KeyboardInterrupt`` so that it stops a step wherever it lands, as Ctrl-C does, and Optuna
+    ends the running trial FAIL and re-raises it; unlike Ctrl-C the trial is then requeued to
+    resume elsewhere, and the worker exits with :attr:`exit_code` ("restart me").
+    """
+
+    exit_code = 75  # EX_TEMPFAIL from sysexits.h: a temporary failure, try again

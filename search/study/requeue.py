@@ -38,10 +38,16 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     failed = retrying(storage.get_trial, trial._trial_id)
     if failed.state != TrialState.FAIL or failed.user_attrs.get(INTERRUPTED) != reason:
         return False  # it completed or was pruned before our FAIL landed
-    callback = storage.get_heartbeat_stale_trial_callback()
+    queue_copy(study, failed)
+    return True
+
+
+def queue_copy(study: optuna.Study, failed: FrozenTrial) -> None:
+    """Queue the resuming copy of a trial that already ended FAIL with its reason recorded
+    (a preempted worker records the reason itself, then Optuna fails the trial)."""
+    callback = study._storage.get_heartbeat_stale_trial_callback()
     if callback is not None:  # the same copy a stale heartbeat gets; max_retry applies
         retrying(callback, study, failed)
-    return True
 
 
 def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:

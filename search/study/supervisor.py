@@ -8,7 +8,9 @@ again, up to ``[study] max_worker_restarts`` times per worker. This works with a
 nobody has to wait for a heartbeat to go stale.
 
 Not restarted: a clean finish (exit 0), a study-file or data error (exit 2: it would only fail
-again the same way), and our own Ctrl-C (the runner stops the supervisor first).
+again the same way), and our own Ctrl-C (the runner stops the supervisor first). A preempted
+worker (SIGTERM, exit 75) has requeued its own trial and is restarted without counting as a
+crash.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 from rich.console import Console
 
+from search.errors import Preempted
 from search.study.budget import budget_state
 from search.study.requeue import requeue
 from search.study.storage import retrying
@@ -88,6 +91,12 @@ class Supervisor:
             what = f"worker {slot.index} (pid {slot.process.pid}) {describe_exit(code)}"
             requeued = requeue_orphans(self.study, slot.process.pid, what)
             spent = retrying(budget_state, self.study, self.n_trials).spent
+            if code == Preempted.exit_code and not spent:
+                # It requeued its own trial and asked to be restarted; that is no crash.
+                slot.history.append(slot.process)
+                slot.process = self._start(slot.index)
+                self.console.print(f"worker {slot.index} was preempted; restarted it")
+                continue
             if slot.restarts >= self.max_restarts or spent:
                 slot.finished = True
                 if not spent:

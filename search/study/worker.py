@@ -7,6 +7,8 @@ Workers coordinate only through the study in the database (see :mod:`search.stud
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -16,10 +18,11 @@ from optuna.trial import TrialState
 
 from search.config import StudyConfig
 from search.data.prepared import prepare_data
-from search.errors import UserError
+from search.errors import Preempted, UserError
 from search.study.budget import StudyLock, budget_state, top_up
 from search.study.open import open_study
-from search.study.storage import StorageLostError
+from search.study.requeue import INTERRUPTED, queue_copy
+from search.study.storage import StorageLostError, retrying
 from search.trial.artifacts import create_artifact_store
 from search.trial.objective import Objective, pick_device
 
@@ -57,6 +60,8 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
                           device=device, on_trial_start=lock.release)
     deadline = time.monotonic() + options.timeout_s if options.timeout_s else None
     ran = 0
+    started: list[int] = []
+    previous = _raise_on_sigterm()
     try:
         while deadline is None or time.monotonic() < deadline:
             if not _claim_slot(study, lock, n_trials):
@@ -66,10 +71,13 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
                 optuna.storages.fail_stale_trials(study)
                 time.sleep(POLL_S)
                 continue
-            started: list[int] = []
+            started.clear()
             try:
                 study.optimize(_noting_trial(objective, started), n_trials=1,
                                catch=(Exception,))
+            except Preempted:
+                _requeue_preempted(study, started)
+                raise
             except Exception as error:
                 if isinstance(error, StorageLostError) or not _taken_over(study, started):
                     raise
@@ -79,7 +87,36 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
             _check_failures(study, n_trials)
     finally:
         lock.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return ran
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into :class:`Preempted` in the main thread; returns the old handler.
+
+    Python runs the handler between bytecodes of the main thread, so a training step is left
+    as soon as the current PyTorch call returns: within a few seconds, inside the grace period
+    Slurm (``--signal``) and Kubernetes (``terminationGracePeriodSeconds``) give.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signals reach only the main thread (tests run workers in threads)
+
+    def preempt(signum: int, frame: object) -> None:
+        raise Preempted(f"{signal.Signals(signum).name}; the running trial resumes elsewhere")
+
+    return signal.signal(signal.SIGTERM, preempt)
+
+
+def _requeue_preempted(study: optuna.Study, started: list[int]) -> None:
+    """Queue the resuming copy of the trial that SIGTERM interrupted (already FAIL)."""
+    if not started:
+        return  # preempted between trials: nothing was running
+    trial = retrying(study.get_trials, deepcopy=False)[started[-1]]
+    if trial.state == TrialState.FAIL and trial.user_attrs.get(INTERRUPTED):
+        queue_copy(study, trial)
+        logger.warning("trial %d preempted; queued a copy that resumes from its last epoch",
+                       trial.number)
 
 
 def _claim_slot(study: optuna.Study, lock: StudyLock, n_trials: int) -> bool:

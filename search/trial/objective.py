@@ -15,7 +15,7 @@ import models
 from search import space
 from search.config import StudyConfig, weights_file
 from search.data.prepared import PreparedData
-from search.errors import UserError
+from search.errors import Preempted, UserError
 from search.study.requeue import INTERRUPTED
 from search.study.storage import retrying
 from search.trial.artifacts import trial_note, upload_trial_artifacts
@@ -106,6 +106,10 @@ class Objective:
         try:
             return self._run(trial)
         except optuna.TrialPruned:
+            raise
+        except Preempted:
+            # Keep the resume file: the worker queues a copy that continues from it.
+            retrying(trial.set_user_attr, INTERRUPTED, "preempted (SIGTERM)")
             raise
         except KeyboardInterrupt:
             # Ctrl-C fails the trial for good (no heartbeat retry), so nothing will resume it.

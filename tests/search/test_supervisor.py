@@ -78,3 +78,39 @@ def test_exit_descriptions():
     assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
     assert describe_exit(-signal.SIGTERM) == "killed by SIGTERM"
     assert describe_exit(3) == "exited with code 3"
+
+
+def _worker(workdir: Path, study_file: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "search", "worker", "--study", str(study_file), "--threads", "1"],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_sigterm_preempts_a_worker_whose_trial_resumes_in_the_next(workdir, tiny_data):
+    study_file = write_study(workdir, tiny_data, n_trials=1, epochs=5, fusion='["early"]')
+    study_file.write_text(study_file.read_text().replace("patience = 5", "patience = 20"))
+    first = _worker(workdir, study_file)
+    victim = _wait_for(workdir, lambda t: t.state == TrialState.RUNNING
+                       and len(t.intermediate_values) >= 2, first)
+    first.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    output, _ = first.communicate(timeout=60)
+    assert time.monotonic() - sent < 15, output  # left its step promptly
+    assert first.returncode == 75, output  # "restart me", distinct from a crash or Ctrl-C
+    # Optuna logs the interrupted trial (with its stack); our own last word is one line.
+    assert output.strip().splitlines()[-1] == (
+        "preempted: SIGTERM; the running trial resumes elsewhere"), output
+    killed, copy = _trials(workdir)
+    assert killed.number == victim.number and killed.state == TrialState.FAIL
+    assert killed.user_attrs["interrupted"] == "preempted (SIGTERM)"
+    assert copy.state == TrialState.WAITING and copy.params == killed.params
+    assert list((workdir / "runs" / "tiny" / "artifacts" / "resume").glob("*.pt"))
+
+    second = _worker(workdir, study_file)
+    output, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, output
+    killed, copy = _trials(workdir)
+    assert copy.state == TrialState.COMPLETE
+    assert copy.user_attrs["resumed_after"] == "preempted (SIGTERM)"
+    assert copy.user_attrs["epochs_run"] < len(copy.intermediate_values) == 5
