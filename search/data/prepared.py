@@ -17,7 +17,13 @@ import torch
 
 import augment
 from search.config import StudyConfig
-from search.data.cache import SplitArrays, cached_arrays, load_split_arrays
+from search.data.cache import (
+    SplitArrays,
+    cached_arrays,
+    depth_range,
+    load_split_arrays,
+    split_cache_key,
+)
 from search.data.decode import (
     DEPTH_MEAN,
     DEPTH_STD,
@@ -91,12 +97,18 @@ class PreparedData:
 
     @cached_property
     def preprocess(self) -> Preprocess:
-        train = self.arrays["train"]
+        train, settings = self.arrays["train"], self.config.train
+        images = {
+            "resolution": settings.resolution, "resize": settings.resize,
+            # The range load_split_arrays scaled the cached depth with (read from its cache).
+            "depth_range": depth_range(self.index, settings.resolution, settings.resize,
+                                       self.config.data.cache_dir),
+        }
         if train.numeric is None:
-            return Preprocess(self.config.train.resolution)
+            return Preprocess(**images)
         std = train.numeric.std(axis=0)
         return Preprocess(
-            self.config.train.resolution,
+            **images,
             numeric_mean=tuple(float(v) for v in train.numeric.mean(axis=0)),
             numeric_std=tuple(float(v) for v in np.where(std > 0, std, 1.0)),
             numeric_names=tuple(self.index.numeric_names or ()),
@@ -126,7 +138,9 @@ class PreparedData:
         train = self.arrays["train"]
         settings = self.config.augment
         key_parts = {
-            "fingerprint": self.index.fingerprint, "resolution": self.config.train.resolution,
+            # The decoded images' own key: files, resolution, resize, depth range, decoder.
+            "images": split_cache_key(self.index, self.config.train.resolution,
+                                      self.config.train.resize, self.preprocess.depth_range),
             "strategy": strategy, "ops": settings.ops, "target": settings.target_per_class,
             "seed": self.config.study.seed,
         }
@@ -162,5 +176,6 @@ def prepare_data(config: StudyConfig) -> PreparedData:
     """Generate the demo set if asked, validate the data set and load its cached arrays."""
     ensure_demo(config.data, seed=config.study.seed)
     index = load_index(config.data, seed=config.study.seed)
-    arrays = load_split_arrays(index, config.train.resolution, config.data.cache_dir)
+    arrays = load_split_arrays(index, config.train.resolution, config.data.cache_dir,
+                               config.train.resize)
     return PreparedData(config, index, arrays)
