@@ -144,10 +144,10 @@ def _print(report: DataReport, index: DatasetIndex, console: Console) -> None:
         shown = "; ".join(" = ".join(group) for group in report.duplicates[:_SHOWN])
         more = (f"; and {len(report.duplicates) - _SHOWN} more"
                 if len(report.duplicates) > _SHOWN else "")
-        console.print(f"warning: {len(report.duplicates)} photos with the same pixels in two "
-                      f"splits or two classes (a sample in both train and test inflates every "
-                      f"score): {shown}{more}", style="yellow", markup=False, highlight=False,
-                      soft_wrap=True)
+        console.print(f"warning: {len(report.duplicates)} sets of photos with the same pixels "
+                      f"in two splits or two classes: {shown}{more} (a photo in both train and "
+                      "test inflates every score we report)", style="yellow", markup=False,
+                      highlight=False, soft_wrap=True)
     console.print(f"fingerprint: {report.fingerprint[:16]}")
     console.print(f"cache: {report.cache_path}")
     console.print(f"checked in {report.seconds:.2f} s")
