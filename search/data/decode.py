@@ -45,9 +45,9 @@ RESIZE_MODES = ("squash", "center_crop", "pad")
 DEFAULT_RESIZE = "center_crop"  # what timm does at evaluation: short side, then center crop
 RESIZE_RULES = {
     "squash": "bilinear, straight to resolution x resolution (the aspect ratio is not kept)",
-    "center_crop": "the largest centered square of the image, resized bilinearly to resolution "
-                   "x resolution (the same as resizing the short side to resolution, then "
-                   "cropping the center)",
+    "center_crop": "crop the centered square (side = min(width, height), left = (width - side) "
+                   "// 2, top = (height - side) // 2), then resize it bilinearly to resolution "
+                   "x resolution: the short side resized to resolution, the center cropped",
     "pad": "the long side resized bilinearly to resolution (short side round(short * "
            "resolution / long)), centered on a resolution x resolution canvas of 0 (black "
            "for rgb, 0 for depth); the offset is (resolution - size) // 2",
@@ -237,12 +237,12 @@ def _fit_square(image: Image.Image, resolution: int, resize: str) -> Image.Image
     if resize == "squash" or width == height:
         return image.resize(size, Image.Resampling.BILINEAR)
     if resize == "center_crop":
-        # Resizing only the central square is the same as resizing the short side and
-        # cropping the center, without resampling twice.
+        # Cropping the central square and resizing it is resizing the short side and cropping
+        # the center, without resampling twice; integer offsets, so any client can repeat it.
         side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
-        return image.resize(size, Image.Resampling.BILINEAR,
-                            box=(left, top, left + side, top + side))
+        left, top = (width - side) // 2, (height - side) // 2
+        return image.crop((left, top, left + side, top + side)).resize(
+            size, Image.Resampling.BILINEAR)
     long = max(width, height)
     inner = (max(1, round(width * resolution / long)), max(1, round(height * resolution / long)))
     canvas = Image.new(image.mode, size, 0)
