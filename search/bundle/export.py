@@ -135,7 +135,7 @@ def load_test_split(config: StudyConfig, trained: TrialModel) -> Split:
     if any(current.get(key) != trained.preprocess.get(key) for key in _DATA_DEPENDENT) or (
             current["depth"].get("range") != trained.preprocess["depth"].get("range")):
         raise UserError(f"the data set changed since trial {trained.trial.number} trained "
-                        "(resolution, depth range or numeric statistics differ); cannot "
+                        "(resolution or numeric statistics or depth range differ); cannot "
                         "score it fairly")
     split = data.split("test")
     if len(split) == 0:

@@ -65,6 +65,9 @@ def exported(tmp_path_factory):
 def test_rgb_and_depth_feeds_are_the_arrays_the_trial_was_scored_on(exported, monkeypatch):
     monkeypatch.chdir(exported.root)
     meta = json.loads(Path("bundle/model.json").read_text())
+    # The square 8-bit demo-like data: center crop (the default) and no depth range.
+    assert meta["preprocess"]["resize"]["mode"] == "center_crop"
+    assert meta["preprocess"]["depth"]["range"] is None
     bundle = Bundle(Path("bundle"), meta, session=None)  # model_inputs needs no session
     data = prepare_data(read_study_file(STUDY_FILE))
     for split in ("val", "test"):
@@ -253,3 +256,19 @@ def test_real_photos_and_sixteen_bit_depth_reach_predict_and_a_plain_client_as_t
     for row, expected in zip(rows, probabilities, strict=True):
         got = [float(row[f"p_{name}"]) for name in meta["labels"].values()]
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_export_refuses_a_trial_whose_depth_range_no_longer_fits(exported, tmp_path,
+                                                                   monkeypatch):
+    """The trial trained on 8-bit depth; the same maps re-saved as 16-bit get a fitted range."""
+    copy = tmp_path / "copy"
+    shutil.copytree(exported.root, copy, ignore=shutil.ignore_patterns("bundle", "cache"))
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("SEARCH_STORAGE", raising=False)
+    for path in Path("data/train/depth").glob("*/*.png"):
+        Image.fromarray(np.asarray(Image.open(path)).astype(np.uint16) * 256).save(path)
+    result = CliRunner().invoke(app, ["export", "--study", STUDY_FILE, "--out", "out"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "depth range" in lines[0], result.output
+    assert not Path("out").exists()
