@@ -6,11 +6,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from rich.console import Console
 
+from search.config import read_study_file
 from search.data.check import check_data
 from search.data.index import load_index
+from search.errors import ConfigError
 
 MODALITIES = ["rgb", "depth", "numeric", "text"]
 
@@ -100,3 +103,17 @@ def test_the_same_photo_twice_in_one_class_of_one_split_is_no_warning(spec, tmp_
     shutil.copy(root / "train/rgb/apple/apple0.png", root / "train/rgb/apple/again.png")
     duplicates, output = check(root, spec)
     assert duplicates == [] and "warning" not in output
+
+
+def test_resize_is_a_checked_train_key(tmp_path: Path):
+    study = tmp_path / "s.toml"
+    text = ('[study]\nname = "s"\n[data]\nroot = "{root}"\n[train]\n{resize}'
+            '[space]\nbackbone = ["b0"]\n')
+    study.write_text(text.format(root=tmp_path, resize=""))
+    assert read_study_file(str(study)).train.resize == "center_crop"
+    study.write_text(text.format(root=tmp_path, resize='resize = "pad"\n'))
+    assert read_study_file(str(study)).train.resize == "pad"
+    study.write_text(text.format(root=tmp_path, resize='resize = "stretch"\n'))
+    with pytest.raises(ConfigError) as error:
+        read_study_file(str(study))
+    assert "train.resize" in str(error.value) and "'center_crop'" in str(error.value)
