@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 from PIL import Image
 from rich.console import Console
 
-from search.config import read_study_file
+from search.config import TrainConfig, read_study_file
 from search.data.check import check_data
+from search.data.decode import DEFAULT_RESIZE, RESIZE_MODES
 from search.data.index import load_index
 from search.errors import ConfigError
 
@@ -117,3 +119,6 @@ def test_resize_is_a_checked_train_key(tmp_path: Path):
     with pytest.raises(ConfigError) as error:
         read_study_file(str(study))
     assert "train.resize" in str(error.value) and "'center_crop'" in str(error.value)
+    # The config's choices are the decoder's (config.py may not import search.data).
+    assert get_args(TrainConfig.model_fields["resize"].annotation) == RESIZE_MODES
+    assert TrainConfig().resize == DEFAULT_RESIZE
