@@ -90,6 +90,9 @@ class PreparedData:
     config: StudyConfig
     index: DatasetIndex
     arrays: dict[str, SplitArrays]
+    # The range the cached depth was scaled with (search.data.cache.depth_range); None for
+    # 8-bit depth, or no depth.
+    depth_range: tuple[float, float] | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -98,12 +101,8 @@ class PreparedData:
     @cached_property
     def preprocess(self) -> Preprocess:
         train, settings = self.arrays["train"], self.config.train
-        images = {
-            "resolution": settings.resolution, "resize": settings.resize,
-            # The range load_split_arrays scaled the cached depth with (read from its cache).
-            "depth_range": depth_range(self.index, settings.resolution, settings.resize,
-                                       self.config.data.cache_dir),
-        }
+        images = {"resolution": settings.resolution, "resize": settings.resize,
+                  "depth_range": self.depth_range}
         if train.numeric is None:
             return Preprocess(**images)
         std = train.numeric.std(axis=0)
@@ -176,6 +175,8 @@ def prepare_data(config: StudyConfig) -> PreparedData:
     """Generate the demo set if asked, validate the data set and load its cached arrays."""
     ensure_demo(config.data, seed=config.study.seed)
     index = load_index(config.data, seed=config.study.seed)
-    arrays = load_split_arrays(index, config.train.resolution, config.data.cache_dir,
-                               config.train.resize)
-    return PreparedData(config, index, arrays)
+    settings = config.train
+    arrays = load_split_arrays(index, settings.resolution, config.data.cache_dir, settings.resize)
+    # load_split_arrays scaled the cached depth into this range; read back from its cache.
+    fitted = depth_range(index, settings.resolution, settings.resize, config.data.cache_dir)
+    return PreparedData(config, index, arrays, fitted)
