@@ -146,7 +146,7 @@ def data_check(study: StudyOption = "apples") -> None:
 
         config = read_study_file(study)
         check_data(config.data, resolution=config.train.resolution, seed=config.study.seed,
-                   console=console)
+                   console=console, resize=config.train.resize)
 
 
 @app.command()

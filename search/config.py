@@ -125,6 +125,9 @@ class TrainConfig(_Section):
     epochs: Annotated[int, Field(gt=0)] = 15
     batch_size: Annotated[int, Field(gt=0)] = 32
     resolution: Annotated[int, Field(ge=16, le=1024)] = 64
+    # How non-square photos become resolution x resolution (search/data/decode.py,
+    # RESIZE_RULES); the default is what timm does at evaluation.
+    resize: Literal["squash", "center_crop", "pad"] = "center_crop"
     # Epochs without a better smoothed val F1 before the final anneal (search/train.py).
     patience: Annotated[int, Field(gt=0)] = 3
     anneal_epochs: Annotated[int, Field(gt=0)] = 2

@@ -125,14 +125,19 @@ def load_test_split(config: StudyConfig, trained: TrialModel) -> Split:
     Raises:
         UserError: The data set changed since the trial trained, or its test split is empty.
     """
+    # Decode as the trial did: checkpoints from before [train] resize existed were squashed.
+    resize = trained.preprocess.get("resize", "squash")
+    config = config.model_copy(update={"train": config.train.model_copy(update={"resize": resize})})
     data = prepare_data(config)
     if data.classes != trained.classes:
         raise UserError(f"the data set's classes {data.classes} differ from those trial "
                         f"{trained.trial.number} was trained on {trained.classes}")
     current = data.preprocess.to_dict()
-    if any(current.get(key) != trained.preprocess.get(key) for key in _DATA_DEPENDENT):
+    if any(current.get(key) != trained.preprocess.get(key) for key in _DATA_DEPENDENT) or (
+            current["depth"].get("range") != trained.preprocess["depth"].get("range")):
         raise UserError(f"the data set changed since trial {trained.trial.number} trained "
-                        "(resolution or numeric statistics differ); cannot score it fairly")
+                        "(resolution or numeric statistics or depth range differ); cannot "
+                        "score it fairly")
     split = data.split("test")
     if len(split) == 0:
         raise UserError(f"the test split of {config.data.root} is empty; export needs it "

@@ -27,12 +27,16 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from search.bundle.files import META_FILE, ONNX_FILE
 from search.data.decode import (
+    CSV_ENCODING,
+    DEFAULT_RESIZE,
     IMAGE_SUFFIXES,
     MODALITIES,
+    RESIZE_MODES,
     SPLITS,
     ImageError,
     Problem,
     RawSample,
+    csv_reader,
     decode_image,
     missing_csv_columns,
     normalize_pixels,
@@ -176,12 +180,32 @@ def check_meta(meta: object, path: Path) -> None:
     unknown = set(modalities) - set(MODALITIES)
     if unknown:
         raise BundleError(f"{path}: unknown input modality {sorted(unknown)[0]!r}")
+    resize = meta["preprocess"].get("resize")
+    if isinstance(resize, dict) and resize.get("mode") not in RESIZE_MODES:
+        raise BundleError(f"{path}: preprocess.resize.mode must be one of "
+                          f"{', '.join(RESIZE_MODES)}")
+    fitted = (meta["preprocess"].get("depth") or {}).get("range")
+    if "depth" in modalities and fitted is not None and not (
+            isinstance(fitted, list) and len(fitted) == 2
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in fitted)
+            and fitted[0] < fitted[1]):
+        raise BundleError(f"{path}: preprocess.depth.range must be null or [low, high] "
+                          "with low < high")
 
 
-def load_pixels(path: Path, modality: str, resolution: int) -> np.ndarray:
-    """Decode and resize one image to uint8 ``[resolution, resolution, C]`` (as training did)."""
+def load_pixels(path: Path, modality: str, preprocess: dict) -> np.ndarray:
+    """Decode and resize one image to uint8 ``[resolution, resolution, C]`` (as training did).
+
+    ``preprocess`` is ``model.json``'s section: its resolution, ``resize.mode`` and
+    ``depth.range`` (bundles from before those existed were squashed, with 8-bit depth).
+    """
+    resize = preprocess.get("resize")
+    depth = preprocess.get("depth") or {}
     try:
-        return decode_image(path, modality, resolution)
+        return decode_image(path, modality, int(preprocess["resolution"]),
+                            resize=resize.get("mode", DEFAULT_RESIZE)
+                            if isinstance(resize, dict) else "squash",
+                            depth_range=depth.get("range") if modality == "depth" else None)
     except ImageError as error:
         if error.missing:
             raise BundleError(f"{path}: no such image") from None
@@ -275,8 +299,8 @@ def csv_samples(path: Path, bundle: Bundle) -> list[Sample]:
     """Samples of a CSV file (``image, label, depth, num_*, text``; paths relative to it)."""
     root, modalities = path.parent, bundle.modalities
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
+        with path.open(newline="", encoding=CSV_ENCODING) as handle:
+            reader = csv_reader(handle)
             header = list(reader.fieldnames or [])
             missing = missing_csv_columns(header, modalities, label=False)
             if missing:
@@ -327,12 +351,12 @@ def collect_samples(bundle: Bundle, inputs: list[Path], extra: ExtraInputs) -> l
 
 def model_inputs(bundle: Bundle, samples: list[Sample]) -> dict[str, np.ndarray]:
     """The ONNX feeds for ``samples``, prepared as ``model.json``'s ``preprocess`` says."""
-    prep, size = bundle.preprocess, int(bundle.preprocess["resolution"])
+    prep = bundle.preprocess
     feeds = {}
     for entry in bundle.meta["inputs"]:
         modality = entry["modality"]
         if modality in ("rgb", "depth"):
-            pixels = np.stack([load_pixels(getattr(s, modality), modality, size)
+            pixels = np.stack([load_pixels(getattr(s, modality), modality, prep)
                                for s in samples])
             value = normalize_pixels(pixels, prep[modality])
         elif modality == "numeric":

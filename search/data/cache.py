@@ -22,7 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from search.data.decode import DECODE_VERSION, SPLITS, ImageError, decode_image
+from search.data.decode import (
+    DECODE_VERSION,
+    DEFAULT_RESIZE,
+    SPLITS,
+    ImageError,
+    decode_image,
+    fit_depth_range,
+)
 from search.data.index import DatasetIndex, fail
 from search.errors import DataError
 
@@ -143,28 +150,64 @@ def _store(cache_dir: Path, final: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def split_cache_key(index: DatasetIndex, resolution: int) -> str:
-    """The cache key of the decoded splits of ``index`` at ``resolution``."""
-    return f"splits-{index.fingerprint[:24]}-{resolution}px-v{DECODE_VERSION}"
+def split_cache_key(index: DatasetIndex, resolution: int, resize: str = DEFAULT_RESIZE,
+                    depth_range: tuple[float, float] | None = None) -> str:
+    """The cache key of the decoded splits of ``index`` at ``resolution``.
+
+    Everything that changes the decoded bytes is in it: the files (the fingerprint), the
+    resolution, the resize mode, the depth range and the decoder's version.
+    """
+    depth = "" if depth_range is None else f"-depth{depth_range[0]!r}_{depth_range[1]!r}"
+    return (f"splits-{index.fingerprint[:24]}-{resolution}px-{resize}{depth}"
+            f"-v{DECODE_VERSION}")
+
+
+def depth_range(index: DatasetIndex, resolution: int, resize: str,
+                cache_dir: Path) -> tuple[float, float] | None:
+    """The depth range fitted on the training split (:func:`~search.data.decode.fit_depth_range`).
+
+    None without depth, or when every training depth map is 8-bit. Cached like the
+    images, so every worker reads the same two numbers instead of decoding train again.
+
+    Raises:
+        DataError: a training depth map cannot be decoded.
+    """
+    if "depth" not in index.modalities:
+        return None
+    key = f"depthrange-{index.fingerprint[:24]}-{resolution}px-{resize}-v{DECODE_VERSION}"
+
+    def build() -> dict[str, np.ndarray]:
+        try:
+            fitted = fit_depth_range([s.depth for s in index.splits["train"] if s.depth],
+                                     resolution, resize)
+        except ImageError as error:
+            raise DataError(f"a training depth map of {index.root} cannot be decoded "
+                            f"({error.reason})") from None
+        # NaN stands for "not fitted" (8-bit depth), which .npy cannot store as None.
+        return {"range": np.array(fitted if fitted else (np.nan, np.nan), np.float64)}
+
+    low, high = (float(v) for v in cached_arrays(Path(cache_dir), key, build)["range"])
+    return None if np.isnan(low) else (low, high)
 
 
 def load_split_arrays(
-    index: DatasetIndex, resolution: int, cache_dir: Path
+    index: DatasetIndex, resolution: int, cache_dir: Path, resize: str = DEFAULT_RESIZE
 ) -> dict[str, SplitArrays]:
     """Decode and resize every image of ``index`` once, and return all splits as arrays.
 
-    The images are cached under :func:`split_cache_key` (fingerprint and resolution), so
-    every later trial and every process on the machine reuses them, and any change to a
-    data file (which changes the fingerprint) rebuilds them. Labels, numeric values,
-    texts and ids come from the index, which already holds them.
+    The images are cached under :func:`split_cache_key`, so every later trial and every
+    process on the machine reuses them, and any change to a data file (which changes the
+    fingerprint) rebuilds them. Depth is scaled into :func:`depth_range`. Labels, numeric
+    values, texts and ids come from the index, which already holds them.
 
     Raises:
         DataError: some images cannot be decoded; names the first files and the count.
     """
+    fitted = depth_range(index, resolution, resize, cache_dir)
     images = cached_arrays(
         Path(cache_dir),
-        split_cache_key(index, resolution),
-        lambda: _decode_splits(index, resolution),
+        split_cache_key(index, resolution, resize, fitted),
+        lambda: _decode_splits(index, resolution, resize, fitted),
     )
     return split_arrays(index, images)
 
@@ -193,7 +236,8 @@ def split_arrays(index: DatasetIndex, images: dict[str, np.ndarray]) -> dict[str
     return result
 
 
-def _decode_splits(index: DatasetIndex, resolution: int) -> dict[str, np.ndarray]:
+def _decode_splits(index: DatasetIndex, resolution: int, resize: str,
+                   fitted: tuple[float, float] | None) -> dict[str, np.ndarray]:
     """Decode the images of every split of ``index``; report all undecodable ones at once."""
     arrays: dict[str, np.ndarray] = {}
     jobs: list[tuple[Path, str, np.ndarray, int]] = []
@@ -208,7 +252,8 @@ def _decode_splits(index: DatasetIndex, resolution: int) -> dict[str, np.ndarray
     def decode_into(job: tuple[Path, str, np.ndarray, int]) -> str | None:
         path, modality, stack, row = job
         try:
-            stack[row] = decode_image(path, modality, resolution)
+            stack[row] = decode_image(path, modality, resolution, resize=resize,
+                                      depth_range=fitted)
         except ImageError as error:
             return f"{os.path.relpath(path, index.root)} ({error.reason})"
         return None

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 from search.data.decode import (
+    CSV_ENCODING,
     IMAGE_SUFFIXES,
     SPLITS,
     Problem,
     RawSample,
+    csv_reader,
     missing_csv_columns,
     read_csv_sample,
     read_folder_sample,
@@ -210,8 +212,8 @@ def _read_csv_split(
     used.append(path)
     rows: list[_Row] = []
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
+        with path.open(newline="", encoding=CSV_ENCODING) as handle:
+            reader = csv_reader(handle)
             header = list(reader.fieldnames or [])
             if not _check_header(path.name, header, modalities, problems):
                 return []

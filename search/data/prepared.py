@@ -17,7 +17,13 @@ import torch
 
 import augment
 from search.config import StudyConfig
-from search.data.cache import SplitArrays, cached_arrays, load_split_arrays
+from search.data.cache import (
+    SplitArrays,
+    cached_arrays,
+    depth_range,
+    load_split_arrays,
+    split_cache_key,
+)
 from search.data.decode import (
     DEPTH_MEAN,
     DEPTH_STD,
@@ -84,6 +90,9 @@ class PreparedData:
     config: StudyConfig
     index: DatasetIndex
     arrays: dict[str, SplitArrays]
+    # The range the cached depth was scaled with (search.data.cache.depth_range); None for
+    # 8-bit depth, or no depth.
+    depth_range: tuple[float, float] | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -91,12 +100,14 @@ class PreparedData:
 
     @cached_property
     def preprocess(self) -> Preprocess:
-        train = self.arrays["train"]
+        train, settings = self.arrays["train"], self.config.train
+        images = {"resolution": settings.resolution, "resize": settings.resize,
+                  "depth_range": self.depth_range}
         if train.numeric is None:
-            return Preprocess(self.config.train.resolution)
+            return Preprocess(**images)
         std = train.numeric.std(axis=0)
         return Preprocess(
-            self.config.train.resolution,
+            **images,
             numeric_mean=tuple(float(v) for v in train.numeric.mean(axis=0)),
             numeric_std=tuple(float(v) for v in np.where(std > 0, std, 1.0)),
             numeric_names=tuple(self.index.numeric_names or ()),
@@ -126,7 +137,9 @@ class PreparedData:
         train = self.arrays["train"]
         settings = self.config.augment
         key_parts = {
-            "fingerprint": self.index.fingerprint, "resolution": self.config.train.resolution,
+            # The decoded images' own key: files, resolution, resize, depth range, decoder.
+            "images": split_cache_key(self.index, self.config.train.resolution,
+                                      self.config.train.resize, self.preprocess.depth_range),
             "strategy": strategy, "ops": settings.ops, "target": settings.target_per_class,
             "seed": self.config.study.seed,
         }
@@ -162,5 +175,8 @@ def prepare_data(config: StudyConfig) -> PreparedData:
     """Generate the demo set if asked, validate the data set and load its cached arrays."""
     ensure_demo(config.data, seed=config.study.seed)
     index = load_index(config.data, seed=config.study.seed)
-    arrays = load_split_arrays(index, config.train.resolution, config.data.cache_dir)
-    return PreparedData(config, index, arrays)
+    settings = config.train
+    arrays = load_split_arrays(index, settings.resolution, config.data.cache_dir, settings.resize)
+    # load_split_arrays scaled the cached depth into this range; read back from its cache.
+    fitted = depth_range(index, settings.resolution, settings.resize, config.data.cache_dir)
+    return PreparedData(config, index, arrays, fitted)

@@ -154,21 +154,3 @@ def test_split_arrays_are_cached_and_rebuilt_on_change(make_folders, spec, tmp_p
     assert len(builds) == 3
     row = splits["val"].ids.index("pear0")
     assert int(splits["val"].images["depth"][row].max()) == 7
-
-
-def test_decoding_odd_images(make_folders, spec, tmp_path: Path):
-    one = {"apple": 1, "pear": 1}
-    root = make_folders({"train": {"apple": 3, "pear": 3}, "val": one, "test": one})
-    # A JPEG, a palette PNG, an RGBA PNG, and a 16-bit depth map.
-    Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "train/rgb/apple/apple0.jpg")
-    (root / "train/rgb/apple/apple0.png").unlink()
-    Image.new("P", (8, 8), 3).save(root / "train/rgb/apple/apple1.png")
-    Image.new("RGBA", (8, 8), (1, 2, 3, 0)).save(root / "train/rgb/pear/pear0.png")
-    deep = np.full((8, 8), 51200, np.uint16)  # 200 * 256
-    Image.fromarray(deep).save(root / "train/depth/pear/pear1.png")
-    index = load_index(spec(root, modalities=["rgb", "depth"]), seed=0)
-    train = load_split_arrays(index, 8, tmp_path / "cache")["train"]
-    ids = train.ids
-    assert np.abs(train.images["rgb"][ids.index("apple0")].astype(int) - (200, 30, 30)).max() < 8
-    assert tuple(train.images["rgb"][ids.index("pear0"), 0, 0]) == (1, 2, 3)
-    assert int(train.images["depth"][ids.index("pear1")].min()) == 200
