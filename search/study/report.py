@@ -15,6 +15,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from search.launch.placement import slurm_task
+
 TIMING_KEYS = ("prepare_s", "data_s", "train_s", "val_s", "storage_s", "artifacts_s")
 
 
@@ -105,6 +107,24 @@ def failures(study: optuna.Study) -> list[str]:
         reason = trial.user_attrs.get("fail_reason") or "worker died (heartbeat) or interrupted"
         lines.append(f"trial {trial.number} failed: {reason.strip().splitlines()[-1]}")
     return lines
+
+
+def slurm_table(study: optuna.Study) -> Table | None:
+    """Which Slurm job array task ran each started trial; None if no trial ran under Slurm."""
+    by_task: dict[str, list[str]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        task = slurm_task(trial.user_attrs)
+        if task is None or trial.state == TrialState.WAITING:
+            continue  # a waiting retry still carries the ids copied from the task that died
+        by_task.setdefault(task, []).append(f"{trial.number} ({trial.state.name.lower()})")
+    if not by_task:
+        return None
+    table = Table(title="trials by Slurm task (array job_task)")
+    table.add_column("task")
+    table.add_column("trials")
+    for task, trials in sorted(by_task.items()):
+        table.add_row(task, ", ".join(trials))
+    return table
 
 
 def _study_span(trials: list[FrozenTrial]) -> float:
