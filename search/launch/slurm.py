@@ -112,6 +112,7 @@ def render_script(config: StudyConfig, options: SlurmOptions, *,
         *([f"--time={options.time}"] if options.time else []),
         f"--chdir={workdir}",
         f"--output={logs}/%A_%a.out",
+        "--open-mode=append",  # a requeued task adds to its log instead of replacing it
         "--requeue",
         f"--signal=B:USR1@{SIGNAL_LEAD_S}",
         "--export=ALL",

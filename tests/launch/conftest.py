@@ -127,6 +127,10 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
 KillWait=5
+# A requeued job waits for its old credential to expire (120 s by default) and for the next
+# scheduling pass; short here so that a requeued task comes back within seconds.
+AuthInfo=cred_expire=5
+SchedulerParameters=sched_interval=1,bf_interval=1
 NodeName={host} CPUs={os.cpu_count()} RealMemory={max(1024, memory_mib - 2048)} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
