@@ -6,6 +6,7 @@ as the live view of ``search run``.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections import Counter
@@ -122,9 +123,14 @@ def slurm_table(study: optuna.Study) -> Table | None:
     table = Table(title="trials by Slurm task (array job_task)")
     table.add_column("task")
     table.add_column("trials")
-    for task, trials in sorted(by_task.items()):
+    for task, trials in sorted(by_task.items(), key=lambda item: _natural(item[0])):
         table.add_row(task, ", ".join(trials))
     return table
+
+
+def _natural(text: str) -> list:
+    """Sort key that puts task 41_2 before 41_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _study_span(trials: list[FrozenTrial]) -> float:

@@ -6,12 +6,16 @@ import os
 import re
 import subprocess
 
+import optuna
 import pytest
+from optuna.trial import TrialState
+from rich.console import Console
 from typer.testing import CliRunner
 
 from search.cli import app
 from search.launch.placement import slurm_attrs, slurm_task
 from search.launch.slurm import SIGNAL_LEAD_S
+from search.study.report import slurm_table
 from tests.db.conftest import tiny_study
 
 URL = "postgresql://search:s3cret-pw@db-host:5432/search"
@@ -113,3 +117,24 @@ def test_slurm_ids_become_trial_attributes_and_a_task_name():
     assert slurm_task(attrs) == "41_3"
     assert slurm_task({"slurm_job_id": "7"}) == "7"
     assert slurm_attrs({"HOME": "/root"}) == {} and slurm_task({}) is None
+
+
+def test_status_groups_started_trials_by_slurm_task_in_task_order():
+    study = optuna.create_study(direction="maximize")
+    for task, value in [("10", 0.5), ("2", None), ("2", 0.7), ("-", None)]:
+        trial = study.ask()
+        if task != "-":
+            trial.set_user_attr("slurm_array_job_id", "41")
+            trial.set_user_attr("slurm_array_task_id", task)
+        if value is None and task != "-":
+            study.tell(trial, state=TrialState.FAIL)
+        elif value is not None:
+            study.tell(trial, value)
+    # A waiting retry still carries the ids of the task that died: not shown as run there.
+    study.enqueue_trial({}, user_attrs={"slurm_array_job_id": "41", "slurm_array_task_id": "9"})
+    console = Console(width=200, record=True)
+    console.print(slurm_table(study))
+    rows = [line for line in console.export_text().splitlines() if "41_" in line]
+    assert [row.split()[1] for row in rows] == ["41_2", "41_10"]
+    assert "1 (fail), 2 (complete)" in rows[0] and "0 (complete)" in rows[1]
+    assert slurm_table(optuna.create_study()) is None
