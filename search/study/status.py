@@ -6,13 +6,7 @@ from rich.console import Console
 
 from search.config import StudyConfig
 from search.study.open import open_study
-from search.study.report import (
-    best_trials_table,
-    failures,
-    progress,
-    slurm_table,
-    timing_table,
-)
+from search.study.report import best_trials_table, failures, progress, slurm_table, timing_table
 
 
 def show_status(config: StudyConfig, storage_url: str, *, timing: bool,
