@@ -5,7 +5,7 @@ the study in the database shares the budget among them, as among workers started
 The script carries no storage URL: ``sbatch`` hands its caller's environment to the tasks
 (``--export=ALL``), and ``--submit`` puts the URL there. ``--requeue`` lets Slurm bring a
 preempted task back; ``--signal`` warns a task before its time limit so it stops its worker
-(whose trial resumes from its last epoch elsewhere) and requeues itself.
+(whose trial is retried from its last epoch) and requeues itself.
 """
 
 from __future__ import annotations
