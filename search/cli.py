@@ -206,5 +206,63 @@ def predict(
         run_predict(bundle, inputs, extra=extra, out=out, console=console)
 
 
+@app.command()
+def slurm(
+    study: StudyOption,
+    workers: Annotated[int, typer.Option(min=1, help="Array tasks, one worker each.")],
+    gpus_per_worker: Annotated[int, typer.Option(
+        min=0, max=1, help="GPUs per task (a worker trains on one; 0 for CPU clusters).")] = 1,
+    partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+    time: Annotated[str | None, typer.Option(
+        help="Time limit per task, HH:MM:SS or D-HH:MM:SS (tasks requeue themselves).")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account to charge.")] = None,
+    storage: StorageOption = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Script to write (default: runs/<study>/slurm/<study>.sbatch).")] = None,
+    submit: Annotated[bool, typer.Option(
+        help="Submit it with sbatch, the storage URL in the tasks' environment.")] = False,
+) -> None:
+    """Write (and --submit) a Slurm job array whose tasks each run one `search worker`."""
+    with user_errors():
+        from search.config import read_study_file
+        from search.launch.slurm import SlurmOptions, launch_slurm
+
+        config = read_study_file(study)
+        options = SlurmOptions(workers=workers, gpus_per_worker=gpus_per_worker,
+                               partition=partition, time=time, account=account)
+        launch_slurm(config, config.storage_url(storage), options, out=out, submit=submit,
+                     console=console)
+
+
+@app.command()
+def k8s(
+    study: StudyOption,
+    workers: Annotated[int, typer.Option(min=1, help="Worker pods (the Job's parallelism).")],
+    image: Annotated[str, typer.Option(help="The project's image (see Dockerfile).")],
+    gpus_per_worker: Annotated[int, typer.Option(
+        min=0, max=1, help="GPUs per worker pod (0 for CPU nodes).")] = 1,
+    with_postgres: Annotated[bool, typer.Option(
+        help="Also a PostgreSQL StatefulSet and its Service.")] = False,
+    with_dashboard: Annotated[bool, typer.Option(
+        help="Also optuna-dashboard: a Deployment on a ClusterIP Service.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the YAML here (default: stdout).")] = None,
+) -> None:
+    """Print Kubernetes manifests: an Indexed Job of workers (+ database, dashboard)."""
+    with user_errors():
+        from search.config import read_study_file
+        from search.launch.k8s import K8sOptions, render_manifests
+
+        config = read_study_file(study)
+        options = K8sOptions(study=study, workers=workers, image=image,
+                             gpus_per_worker=gpus_per_worker, with_postgres=with_postgres,
+                             with_dashboard=with_dashboard)
+        text = render_manifests(config, options)
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            out.write_text(text)
+            error_console.print(f"wrote {out}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name=Path(sys.argv[0]).name)

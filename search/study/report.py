@@ -6,6 +6,7 @@ as the live view of ``search run``.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections import Counter
@@ -15,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from search.launch.placement import slurm_task
 from search.study.requeue import reason as requeue_reason
 from search.study.requeue import requeued_numbers
 
@@ -120,6 +122,29 @@ def failures(study: optuna.Study) -> list[str]:
         reason = trial.user_attrs.get("fail_reason") or "interrupted (Ctrl-C) or worker died"
         lines.append(f"trial {trial.number} failed: {reason.strip().splitlines()[-1]}")
     return lines
+
+
+def slurm_table(study: optuna.Study) -> Table | None:
+    """Which Slurm job array task ran each started trial; None if no trial ran under Slurm."""
+    by_task: dict[str, list[str]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        task = slurm_task(trial.user_attrs)
+        if task is None or trial.state == TrialState.WAITING:
+            continue  # a waiting retry still carries the ids copied from the task that died
+        by_task.setdefault(task, []).append(f"{trial.number} ({trial.state.name.lower()})")
+    if not by_task:
+        return None
+    table = Table(title="trials by Slurm task (array job_task)")
+    table.add_column("task")
+    table.add_column("trials")
+    for task, trials in sorted(by_task.items(), key=lambda item: _natural(item[0])):
+        table.add_row(task, ", ".join(trials))
+    return table
+
+
+def _natural(text: str) -> list:
+    """Sort key that puts task 41_2 before 41_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _study_span(trials: list[FrozenTrial]) -> float:

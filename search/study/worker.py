@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from search.config import StudyConfig
 from search.data.prepared import prepare_data
 from search.errors import Preempted, UserError
+from search.launch.placement import slurm_attrs
 from search.study.budget import StudyLock, budget_state, top_up
 from search.study.open import open_study
 from search.study.requeue import INTERRUPTED, queue_copy
@@ -134,10 +135,17 @@ def _claim_slot(study: optuna.Study, lock: StudyLock, n_trials: int) -> bool:
 
 
 def _noting_trial(objective: Objective, started: list[int]):
-    """The objective, noting the number of the trial it runs into ``started``."""
+    """The objective, noting the number of the trial it runs into ``started``.
+
+    Under Slurm it also records the job and task running the trial (``search status``
+    shows them); a heartbeat retry overwrites the ids it copied from the dead task's trial.
+    """
+    placement = slurm_attrs()
 
     def run(trial: optuna.Trial) -> float:
         started.append(trial.number)
+        for key, value in placement.items():
+            retrying(trial.set_user_attr, key, value)
         return objective(trial)
 
     return run

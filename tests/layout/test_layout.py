@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Modules behind a user command; none may import another (they share lower layers instead).
 COMMANDS = ("search.study.runner", "search.study.worker", "search.study.status",
             "search.study.dashboard", "search.bundle.export", "search.bundle.predict",
-            "search.data.check")
+            "search.data.check", "search.launch.slurm", "search.launch.k8s")
 
 
 def imported_modules(python: str) -> list[str]:
@@ -51,6 +51,13 @@ def test_models_and_augment_import_nothing_of_search():
         for path in (ROOT / package).rglob("*.py"):
             module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             assert not any(m == "search" or m.startswith("search.") for m in _imports(module)), path
+def test_the_cluster_placement_table_imports_no_optuna_sqlalchemy_or_torch():
+    # Workers write it and `search status` reads it: a leaf both may import.
+    loaded = imported_modules("import search.launch.placement")
+    heavy = [m for m in loaded if m.split(".")[0] in ("optuna", "sqlalchemy", "torch")]
+    assert heavy == []
+
+
 def test_decoding_imports_no_torch_optuna_or_models():
     loaded = imported_modules("import search.data.decode")
     heavy = [m for m in loaded if m.split(".")[0] in ("optuna", "sqlalchemy", "torch", "models")]
