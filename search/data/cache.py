@@ -8,7 +8,6 @@ uses it for the decoded, resized images of every split (see docs/INTERNALS.md, "
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from search.data.decode import (
     DECODE_VERSION,
@@ -97,17 +97,21 @@ def cached_arrays(
 
 @contextmanager
 def _locked(cache_dir: Path, key: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` for ``key``; the kernel drops it if the process dies."""
+    """Hold an exclusive lock for ``key`` (filelock: an OS lock the kernel drops if we die).
+
+    No timeout: the holder is decoding the same entry, and waiting for it is cheaper than
+    decoding twice.
+    """
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(cache_dir / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = FileLock(cache_dir / f".{key}.lock")
+        lock.acquire()
     except OSError as exc:
         raise DataError(f"cannot use the cache directory {cache_dir}: {exc}") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        lock.release()
 
 
 def _open(directory: Path) -> dict[str, np.ndarray] | None:

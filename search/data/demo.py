@@ -20,7 +20,6 @@ byte-identical files.
 from __future__ import annotations
 
 import csv
-import fcntl
 import functools
 import json
 import math
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from search.errors import DataError
@@ -443,8 +443,7 @@ def ensure_demo(data: DemoSpec, *, seed: int = 0) -> bool:
     generate = demo_generator(data.demo)
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        with open(root.parent / f".{root.name}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        with FileLock(root.parent / f".{root.name}.lock"):  # one process draws the set
             if _has_content(root):
                 return False  # another process drew it while we waited
             tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
