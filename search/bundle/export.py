@@ -132,7 +132,7 @@ def load_test_split(config: StudyConfig, trained: TrialModel) -> Split:
     if any(current.get(key) != trained.preprocess.get(key) for key in _DATA_DEPENDENT):
         raise UserError(f"the data set changed since trial {trained.trial.number} trained "
                         "(resolution or numeric statistics differ); cannot score it fairly")
-    split = data.split("test")
+    split = data.split("test", rgb=trained.preprocess["rgb"])  # the trial's normalization
     if len(split) == 0:
         raise UserError(f"the test split of {config.data.root} is empty; export needs it "
                         "to score the model and check the ONNX graph")

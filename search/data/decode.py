@@ -34,7 +34,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
 # Bump when decoding changes (resampling, colour handling), so old caches are not reused.
 DECODE_VERSION = 1
-# ImageNet statistics, in RGB order, for images scaled to [0, 1] (the pretrained backbones').
+# ImageNet statistics, in RGB order, for images scaled to [0, 1]: what b0..b7's weights expect
+# and the default. A trial uses its backbone's (models.input_normalization; lite: 0.5, 0.5).
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
 PIXEL_SCALE = 1 / 255
@@ -49,6 +50,8 @@ class Preprocess:
     """How raw inputs become model inputs; stored with every checkpoint and exported."""
 
     resolution: int
+    rgb_mean: tuple[float, ...] = RGB_MEAN
+    rgb_std: tuple[float, ...] = RGB_STD
     numeric_mean: tuple[float, ...] | None = None
     numeric_std: tuple[float, ...] | None = None
     numeric_names: tuple[str, ...] | None = None
@@ -61,7 +64,7 @@ class Preprocess:
             "resolution": self.resolution,
             "channel_order": "RGB",
             "layout": "NCHW",
-            "rgb": {"scale": PIXEL_SCALE, "mean": list(RGB_MEAN), "std": list(RGB_STD)},
+            "rgb": {"scale": PIXEL_SCALE, "mean": list(self.rgb_mean), "std": list(self.rgb_std)},
             "depth": {"scale": PIXEL_SCALE, "mean": DEPTH_MEAN, "std": DEPTH_STD,
                       "mode": IMAGE_MODES["depth"]},
             "numeric": None if self.numeric_mean is None else {
