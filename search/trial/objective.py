@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,7 +131,10 @@ def check_pretrained(config: StudyConfig) -> None:
         weights = models.imagenet_weights(backbone, train.implementation)
         try:
             state = weights.load(download=not offline())
-            with torch.device("meta"):  # shapes only: no time spent on random init
+            # On the meta device only shapes are checked (no random init, no copy; PyTorch
+            # warns that the copy is a no-op, which is the point).
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
                 models.backbones.create_backbone(backbone, implementation=train.implementation,
                                                  image_size=train.resolution, pretrained=state)
         except models.PretrainedWeightsError as error:
