@@ -50,10 +50,10 @@ def model_spec(params: TrialParams, data: PreparedData) -> models.ModelSpec:
     )
 
 
-def trial_preprocess(data: PreparedData, backbone: str) -> Preprocess:
+def trial_preprocess(preprocess: Preprocess, backbone: str) -> Preprocess:
     """The data's preprocessing with the RGB mean and std ``backbone``'s weights expect."""
     mean, std = models.input_normalization(backbone)
-    return dataclasses.replace(data.preprocess, rgb_mean=mean, rgb_std=std)
+    return dataclasses.replace(preprocess, rgb_mean=mean, rgb_std=std)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -189,7 +189,7 @@ class Objective:
             spec, pretrained=load_pretrained(self.config.train, params.backbone))
         # The inputs are normalized as the backbone's weights expect, in training and in the
         # checkpoint's preprocess (hence model.json and `search predict`) alike.
-        preprocess = trial_preprocess(self.data, params.backbone)
+        preprocess = trial_preprocess(self.data.preprocess, params.backbone)
         rgb = preprocess.to_dict()["rgb"]
         n_params = sum(p.numel() for p in model.parameters())
         self._attrs(trial, {"n_params": n_params, "device": self._device_name(),
