@@ -64,7 +64,8 @@ class DiskSplit:
         base = self.base
         part = Split(base.labels[rows], self.images(rows),
                      None if base.numeric is None else base.numeric[rows],
-                     None if base.tokens is None else base.tokens[rows])
+                     None if base.tokens is None else base.tokens[rows],
+                     rgb_mean=base.rgb_mean, rgb_std=base.rgb_std)
         return part.batch(np.arange(len(rows)), device, channels_last)
 
     def _decode(self, path: Path, modality: str) -> np.ndarray:
@@ -77,10 +78,11 @@ class DiskSplit:
 class PlainData(PreparedData):
     """:class:`search.data.prepared.PreparedData` without the image or balanced-set caches."""
 
-    def split(self, name: str) -> DiskSplit:
-        return self._disk_split(name, np.arange(len(self.arrays[name])), ops=())
+    def split(self, name: str, *, rgb: dict | None = None) -> DiskSplit:
+        return self._disk_split(name, np.arange(len(self.arrays[name])), ops=(), rgb=rgb)
 
-    def train_split(self, strategy: str, *, seed: int = 0) -> tuple[DiskSplit, np.ndarray | None]:
+    def train_split(self, strategy: str, *, seed: int = 0,
+                    rgb: dict | None = None) -> tuple[DiskSplit, np.ndarray | None]:
         labels = self.arrays["train"].labels
         rows, weights = np.arange(len(labels)), None
         if strategy == "oversample":
@@ -88,15 +90,16 @@ class PlainData(PreparedData):
                                     seed=self.config.study.seed)
         elif strategy == "class_weights":
             weights = augment.inverse_frequency_weights(labels, len(self.classes))
-        split = self._disk_split("train", rows, ops=tuple(self.config.augment.ops), seed=seed)
+        split = self._disk_split("train", rows, ops=tuple(self.config.augment.ops), seed=seed,
+                                 rgb=rgb)
         return split, weights
 
     def _disk_split(self, name: str, rows: np.ndarray, *, ops: tuple[str, ...],
-                    seed: int = 0) -> DiskSplit:
+                    seed: int = 0, rgb: dict | None = None) -> DiskSplit:
         samples = self.index.splits[name]
         files = {m: [getattr(samples[r], m) for r in rows]
                  for m in ("rgb", "depth") if m in self.index.modalities}
-        return DiskSplit(self._to_split(self.arrays[name], rows), files,
+        return DiskSplit(self._to_split(self.arrays[name], rows, rgb), files,
                          self.config.train.resolution, ops=ops, seed=seed)
 
 

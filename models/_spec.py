@@ -25,7 +25,8 @@ class ModelSpec:
 
     Attributes:
         num_classes: Number of output classes.
-        backbone: RGB backbone size, ``"b0"`` .. ``"b7"``.
+        backbone: RGB backbone, ``"b0"`` .. ``"b7"`` or ``"lite0"`` .. ``"lite2"``
+            (``models.list_backbones()``).
         fusion: A registered fusion (``models.list_fusions()``).
         modality: The second modality, ``None``, ``"depth"``, ``"numeric"`` or ``"text"``.
         resolution: Square input size in pixels (fixes efficientnet-pytorch's static padding).
@@ -39,7 +40,8 @@ class ModelSpec:
         hidden_dim: Width of the numeric MLP and of the joint fusion head.
         late_rule: How late fusion combines class probabilities: ``"mean"``, ``"learned"``
             or ``"confidence"``.
-        implementation: ``"efficientnet-pytorch"`` or ``"torchvision"``.
+        implementation: ``"efficientnet-pytorch"`` or ``"torchvision"`` for b0..b7; lite
+            backbones have one implementation (efficientnet-lite-pytorch) and ignore it.
     """
 
     num_classes: int

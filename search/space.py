@@ -241,6 +241,15 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("late_rule", str, "mean", Categorical(LATE_RULES), choices=LATE_RULES,
                    when=lambda drawn, second: drawn["fusion"] == "late",
                    doc='late_rule ("mean", "learned", "confidence")'),
+    # Fine-tuning (search/trial/train.py): the first freeze_epochs train only the heads and
+    # fusion layers, the backbones' weights and batch-norm statistics held; then the backbones
+    # train at lr x backbone_lr_scale. Last in the table, so studies seeded before they
+    # existed still draw the same values for everything else.
+    Hyperparameter("freeze_epochs", int, 0, Categorical((0,)), bounds=(0, 1000),
+                   doc="freeze_epochs = [0, 3] (head-only epochs first)"),
+    Hyperparameter("backbone_lr_scale", float, 1.0, Categorical((1.0,)), bounds=(0.0, 10.0),
+                   strict_low=True,
+                   doc="backbone_lr_scale = [0.1, 1.0] (backbone lr / head lr)"),
 )
 BY_NAME = {h.name: h for h in HYPERPARAMETERS}
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from models.backbones import Backbone
+
 if TYPE_CHECKING:
     from models._spec import ModelSpec
 
@@ -53,6 +55,16 @@ class FusionModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def encoders(self) -> dict[str, nn.Module]:
         """Return the module that encodes each modality read (the same one may appear twice)."""
+
+    def backbones(self) -> list[Backbone]:
+        """The EfficientNet trunks, each once: what ImageNet weights start and fine-tuning
+        treats apart (frozen first, a smaller learning rate). Everything else (heads, fusion
+        layers, numeric and text encoders) always trains at the full rate."""
+        found: list[Backbone] = []
+        for module in self.encoders().values():
+            if isinstance(module, Backbone) and all(module is not b for b in found):
+                found.append(module)
+        return found
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.forward_head(self.forward_features(batch))

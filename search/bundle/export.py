@@ -138,7 +138,7 @@ def load_test_split(config: StudyConfig, trained: TrialModel) -> Split:
         raise UserError(f"the data set changed since trial {trained.trial.number} trained "
                         "(resolution or numeric statistics or depth range differ); cannot "
                         "score it fairly")
-    split = data.split("test")
+    split = data.split("test", rgb=trained.preprocess["rgb"])  # the trial's normalization
     if len(split) == 0:
         raise UserError(f"the test split of {config.data.root} is empty; export needs it "
                         "to score the model and check the ONNX graph")

@@ -56,7 +56,8 @@ RESIZE_RULES = {
 DEPTH_PERCENTILES = (1.0, 99.0)
 # Pixels per training depth map that enter the fit (a fixed stride over the resized map).
 _DEPTH_FIT_PIXELS = 4096
-# ImageNet statistics, in RGB order, for images scaled to [0, 1] (the pretrained backbones').
+# ImageNet statistics, in RGB order, for images scaled to [0, 1]: what b0..b7's weights expect
+# and the default. A trial uses its backbone's (models.input_normalization; lite: 0.5, 0.5).
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
 PIXEL_SCALE = 1 / 255
@@ -73,6 +74,8 @@ class Preprocess:
     resolution: int
     resize: str = DEFAULT_RESIZE
     depth_range: tuple[float, float] | None = None  # None: 8-bit depth used as it is
+    rgb_mean: tuple[float, ...] = RGB_MEAN
+    rgb_std: tuple[float, ...] = RGB_STD
     numeric_mean: tuple[float, ...] | None = None
     numeric_std: tuple[float, ...] | None = None
     numeric_names: tuple[str, ...] | None = None
@@ -86,7 +89,7 @@ class Preprocess:
             "resize": self.resize,
             "channel_order": "RGB",
             "layout": "NCHW",
-            "rgb": {"scale": PIXEL_SCALE, "mean": list(RGB_MEAN), "std": list(RGB_STD)},
+            "rgb": {"scale": PIXEL_SCALE, "mean": list(self.rgb_mean), "std": list(self.rgb_std)},
             "depth": {"scale": PIXEL_SCALE, "mean": DEPTH_MEAN, "std": DEPTH_STD,
                       "mode": IMAGE_MODES["depth"],
                       "range": None if self.depth_range is None else list(self.depth_range)},

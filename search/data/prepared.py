@@ -43,7 +43,8 @@ class Split:
     """One split as arrays ready to batch: uint8 images, standardised numeric, token ids.
 
     A training split may carry ``flip_ops`` (see :mod:`augment.online`): every batch then
-    gets fresh random flips and quarter turns, drawn from ``rng``.
+    gets fresh random flips and quarter turns, drawn from ``rng``. RGB is normalized with
+    ``rgb_mean`` and ``rgb_std`` (the trial's backbone's, see :meth:`PreparedData.split`).
     """
 
     labels: np.ndarray
@@ -52,6 +53,8 @@ class Split:
     tokens: np.ndarray | None = None
     flip_ops: tuple[str, ...] = ()
     rng: np.random.Generator | None = None
+    rgb_mean: tuple[float, ...] = RGB_MEAN
+    rgb_std: tuple[float, ...] = RGB_STD
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -67,20 +70,19 @@ class Split:
             pixels = torch.from_numpy(np.ascontiguousarray(array)).to(device)
             # The same float32 operations as search.data.decode.normalize_pixels (predict's).
             pixels = pixels.permute(0, 3, 1, 2).float().div_(1 / PIXEL_SCALE)
-            batch[modality] = _normalize(modality, pixels).contiguous(memory_format=memory)
+            batch[modality] = self._normalize(modality, pixels).contiguous(memory_format=memory)
         if self.numeric is not None:
             batch["numeric"] = torch.from_numpy(self.numeric[rows]).to(device)
         if self.tokens is not None:
             batch["text"] = torch.from_numpy(self.tokens[rows]).to(device)
         return batch
 
-
-def _normalize(modality: str, pixels: torch.Tensor) -> torch.Tensor:
-    if modality == "depth":
-        return (pixels - DEPTH_MEAN) / DEPTH_STD
-    mean = torch.tensor(RGB_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(RGB_STD, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    def _normalize(self, modality: str, pixels: torch.Tensor) -> torch.Tensor:
+        if modality == "depth":
+            return (pixels - DEPTH_MEAN) / DEPTH_STD
+        mean = torch.tensor(self.rgb_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.rgb_std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
 
 
 @dataclass
@@ -113,19 +115,25 @@ class PreparedData:
             numeric_names=tuple(self.index.numeric_names or ()),
         )
 
-    def split(self, name: str) -> Split:
-        """An evaluation split (``val`` or ``test``), untouched by augmentation."""
-        return self._to_split(self.arrays[name], np.arange(len(self.arrays[name].labels)))
+    def split(self, name: str, *, rgb: dict | None = None) -> Split:
+        """An evaluation split (``val`` or ``test``), untouched by augmentation.
 
-    def train_split(self, strategy: str, *, seed: int = 0) -> tuple[Split, np.ndarray | None]:
+        ``rgb`` is the ``"rgb"`` entry of a trial's preprocess (its backbone's mean and std);
+        None: :attr:`preprocess`'s (ImageNet's).
+        """
+        return self._to_split(self.arrays[name], np.arange(len(self.arrays[name].labels)), rgb)
+
+    def train_split(self, strategy: str, *, seed: int = 0,
+                    rgb: dict | None = None) -> tuple[Split, np.ndarray | None]:
         """The balanced training split for ``strategy`` and its class weights (or None).
 
         With ``[augment] online`` on, its batches get fresh flips and turns, drawn from ``seed``.
+        ``rgb`` is as for :meth:`split`.
         """
         balanced = self._balanced(strategy)
         weights = balanced.get("class_weights")
         train = self.arrays["train"]
-        split = self._to_split(train, balanced["source_index"])
+        split = self._to_split(train, balanced["source_index"], rgb)
         split.labels = np.asarray(balanced["labels"])
         split.images = {m: balanced[f"image_{m}"] for m in train.images}
         if self.config.augment.online:
@@ -159,16 +167,18 @@ class PreparedData:
 
         return cached_arrays(self.config.data.cache_dir, key, build)
 
-    def _to_split(self, arrays: SplitArrays, rows: np.ndarray) -> Split:
+    def _to_split(self, arrays: SplitArrays, rows: np.ndarray, rgb: dict | None) -> Split:
         prep = self.preprocess
         numeric = tokens = None
         rules = prep.to_dict()
+        rgb = rgb or rules["rgb"]
         if arrays.numeric is not None and prep.numeric_mean is not None:
             numeric = standardize_numeric(np.asarray(arrays.numeric)[rows], rules["numeric"])
         if arrays.text is not None:
             texts = [arrays.text[i] for i in rows]
             tokens = tokenize(texts, prep.text_buckets, prep.text_length)
-        return Split(np.asarray(arrays.labels)[rows], dict(arrays.images), numeric, tokens)
+        return Split(np.asarray(arrays.labels)[rows], dict(arrays.images), numeric, tokens,
+                     rgb_mean=tuple(rgb["mean"]), rgb_std=tuple(rgb["std"]))
 
 
 def prepare_data(config: StudyConfig) -> PreparedData:

@@ -28,7 +28,7 @@ from search.errors import StorageError, UserError
 from search.study.open import make_sampler, open_study
 from search.study.runner import WorkerPlan, physical_gpu, plan_workers
 from search.study.storage import check_reachable, normalize_url, redact
-from search.trial.objective import model_spec, pick_device, sample_params
+from search.trial.objective import check_pretrained, model_spec, pick_device, sample_params
 from search.trial.train import TrialParams
 
 
@@ -56,6 +56,7 @@ def dry_run(config: StudyConfig, *, storage_url: str, n_trials: int | None = Non
             asked for is not there (the same one-line errors as ``search run``).
     """
     device = pick_device(config.train.device)
+    check_pretrained(config)  # as `search run` does: weights that cannot be had stop it here
     stored = stored_trials(config, storage_url)  # cheap, so before the data is decoded
     check_data(config.data, resolution=config.train.resolution, seed=config.study.seed,
                console=console)

@@ -28,7 +28,7 @@ from search.study.open import open_study
 from search.study.report import best_trials_table, failures, progress
 from search.study.storage import retrying
 from search.study.supervisor import Supervisor
-from search.trial.objective import pick_device
+from search.trial.objective import check_pretrained, pick_device
 
 STOP_GRACE_S = 60
 
@@ -66,6 +66,7 @@ def run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None = N
     """Run (or continue) the study until its budget is spent; returns the study."""
     console = console or Console()
     pick_device(config.train.device)  # fail before anything starts if no GPU is there
+    check_pretrained(config)  # ... or if ImageNet weights can be neither found nor fetched
     n_trials = n_trials or config.study.n_trials
     study = open_study(config, storage_url, mode="run", n_trials=n_trials)
     state = progress(study, n_trials)

@@ -25,7 +25,7 @@ from search.study.open import open_study
 from search.study.requeue import INTERRUPTED, queue_copy
 from search.study.storage import StorageLostError, retrying
 from search.trial.artifacts import create_artifact_store
-from search.trial.objective import Objective, pick_device
+from search.trial.objective import Objective, check_pretrained, pick_device
 
 POLL_S = 2.0
 logger = logging.getLogger("search.study.worker")
@@ -51,6 +51,7 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = pick_device(config.train.device)  # before touching the storage
+    check_pretrained(config)  # and fetch ImageNet weights before a trial needs them
     study = open_study(config, options.storage_url, mode="join",
                        n_trials=options.n_trials or config.study.n_trials,
                        worker_index=options.worker_index)

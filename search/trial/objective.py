@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,10 +14,12 @@ import torch
 from optuna_dashboard import save_note
 
 import models
+import models.backbones
 from search import space
-from search.config import StudyConfig, weights_file
+from search.config import StudyConfig, TrainConfig, weights_file
+from search.data.decode import Preprocess
 from search.data.prepared import PreparedData
-from search.errors import Preempted, UserError
+from search.errors import ConfigError, Preempted, UserError
 from search.study.requeue import INTERRUPTED
 from search.study.storage import retrying
 from search.trial.artifacts import trial_note, upload_trial_artifacts
@@ -46,6 +50,12 @@ def model_spec(params: TrialParams, data: PreparedData) -> models.ModelSpec:
         late_rule=params.late_rule,
         implementation=config.train.implementation,
     )
+
+
+def trial_preprocess(preprocess: Preprocess, backbone: str) -> Preprocess:
+    """The data's preprocessing with the RGB mean and std ``backbone``'s weights expect."""
+    mean, std = models.input_normalization(backbone)
+    return dataclasses.replace(preprocess, rgb_mean=mean, rgb_std=std)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -79,13 +89,63 @@ def pick_speedups(config: StudyConfig, device: torch.device) -> Speedups:
     return Speedups(channels_last=channels_last, autocast_dtype=dtype)
 
 
-def load_pretrained(weights_dir: Path | None, backbone: str) -> dict | None:
-    """A local state dict for ``backbone`` (``b0.pth`` or ``efficientnet-b0*.pth``), if given.
+def offline() -> bool:
+    """``SEARCH_OFFLINE=1``: never try to download weights (tests and air-gapped machines).
 
-    The study file's validation already checked that every backbone of the space has one.
+    Without it a missing ImageNet file is downloaded into the hub cache; where there is no
+    network that attempt fails (DNS fails in well under a second here; a stalled connection
+    gives up after models.pretrained.DOWNLOAD_TIMEOUT_S) and gives the same one-line error.
     """
-    path = weights_file(weights_dir, backbone) if weights_dir is not None else None
+    return os.environ.get("SEARCH_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def load_pretrained(train: TrainConfig, backbone: str) -> dict | None:
+    """The RGB backbone's starting weights as ``[train] pretrained`` says, or None (random).
+
+    ``"imagenet"``: the implementation's own ImageNet weights (``models.imagenet_weights``);
+    a folder: its ``b0.pth`` or ``efficientnet-b0*.pth`` (the study file's validation already
+    checked that every backbone of the space has one).
+
+    Raises:
+        models.PretrainedWeightsError: ImageNet weights that cannot be had or read.
+    """
+    if train.pretrained == "none":
+        return None
+    if train.pretrained == "imagenet":
+        weights = models.imagenet_weights(backbone, train.implementation)
+        return weights.load(download=not offline())
+    path = weights_file(train.pretrained, backbone)
     return None if path is None else torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_pretrained(config: StudyConfig) -> None:
+    """With ``pretrained = "imagenet"``, make sure every backbone the space can sample has
+    weights that load into its network, downloading what is missing; before any worker starts.
+
+    Raises:
+        ConfigError: One line naming the backbone, the file and the folder it belongs in,
+            and ``pretrained = "none"`` as the way out.
+    """
+    train = config.train
+    if train.pretrained != "imagenet":
+        return  # a folder was checked when the study file was read; "none" needs nothing
+    for backbone in config.space.backbone.values():
+        weights = models.imagenet_weights(backbone, train.implementation)
+        try:
+            state = weights.load(download=not offline())
+            # On the meta device only shapes are checked (no random init, no copy; PyTorch
+            # warns that the copy is a no-op, which is the point).
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                models.backbones.create_backbone(backbone, implementation=train.implementation,
+                                                 image_size=train.resolution, pretrained=state)
+        except models.PretrainedWeightsError as error:
+            raise ConfigError(f"{config.source}: train.pretrained: {error}") from None
+        except ValueError as error:
+            raise ConfigError(
+                f"{config.source}: train.pretrained: {weights.path} is not the ImageNet "
+                f"checkpoint of {backbone} ({error}); delete it to download it again, or set "
+                "pretrained = \"none\"") from None
 
 
 class Objective:
@@ -136,14 +196,18 @@ class Objective:
         torch.manual_seed(self.config.study.seed + trial.number)
         spec = model_spec(params, self.data)
         model = models.create_model(
-            spec, pretrained=load_pretrained(self.config.train.weights_dir, params.backbone))
+            spec, pretrained=load_pretrained(self.config.train, params.backbone))
+        # The inputs are normalized as the backbone's weights expect, in training and in the
+        # checkpoint's preprocess (hence model.json and `search predict`) alike.
+        preprocess = trial_preprocess(self.data.preprocess, params.backbone)
+        rgb = preprocess.to_dict()["rgb"]
         n_params = sum(p.numel() for p in model.parameters())
         self._attrs(trial, {"n_params": n_params, "device": self._device_name(),
                             "model_spec": spec.to_dict(), "worker_pid": os.getpid()})
         tick = time.perf_counter()
         train_split, weights = self.data.train_split(
-            params.balance, seed=self.config.study.seed + trial.number)
-        val_split = self.data.split("val")
+            params.balance, seed=self.config.study.seed + trial.number, rgb=rgb)
+        val_split = self.data.split("val", rgb=rgb)
         data_s = time.perf_counter() - tick
 
         resume_path = self._resume_path(trial)
@@ -161,7 +225,7 @@ class Objective:
             self.store, trial, classes=self.data.classes, metrics=metrics,
             checkpoint={"spec": spec.to_dict(), "state_dict": result.best_state,
                         "classes": self.data.classes,
-                        "preprocess": self.data.preprocess.to_dict()})
+                        "preprocess": preprocess.to_dict()})
         artifacts_s = time.perf_counter() - tick
         timing = {**result.timing, "prepare_s": data_s, "storage_s": self.storage_s,
                   "artifacts_s": artifacts_s, "total_s": time.perf_counter() - started}

@@ -37,6 +37,8 @@ class TrialParams:
     balance: str
     depth_backbone: str = "b0"
     late_rule: str = "mean"
+    freeze_epochs: int = 0
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -70,9 +72,39 @@ class Speedups:
     autocast_dtype: torch.dtype | None
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float):
-    """The four optimizers the search space may name."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
+    """Two groups: the backbones at ``lr x backbone_lr_scale``, everything else at ``lr``.
+
+    A model without ``backbones()`` (not a fusion model) is one group at ``lr``. The LR
+    schedule multiplies each group's own lr, so the ratio holds at every step.
+    """
+    backbones = model.backbones() if hasattr(model, "backbones") else []
+    inner = {id(p) for b in backbones for p in b.parameters()}
+    head = [p for p in model.parameters() if id(p) not in inner]
+    groups = [{"params": head, "lr": lr, "name": "head"}]
+    trunk = [p for b in backbones for p in b.parameters()]
+    if trunk:
+        groups.append({"params": trunk, "lr": lr * backbone_lr_scale, "name": "backbone"})
+    return groups
+
+
+def freeze_backbones(model: nn.Module, frozen: bool) -> None:
+    """Hold (or release) the backbones' weights and batch-norm statistics.
+
+    Frozen backbones get no gradients (so the optimizer leaves them alone) and run in eval
+    mode, so their batch norms neither update nor use the running statistics of the new data
+    set's batches: a pretrained trunk stays exactly as loaded. Call it after ``model.train()``.
+    """
+    for backbone in getattr(model, "backbones", list)():
+        backbone.requires_grad_(not frozen)
+        if frozen:
+            backbone.eval()
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
+                   backbone_lr_scale: float = 1.0):
+    """The four optimizers the search space may name, over :func:`param_groups`."""
+    params = param_groups(model, lr, backbone_lr_scale)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -197,7 +229,8 @@ def train(
         model.to(memory_format=torch.channels_last)
     generator = np.random.default_rng(seed)
     steps_per_epoch = math.ceil(len(train_split) / params.batch_size)
-    optimizer = make_optimizer(params.optimizer, model, params.lr, params.weight_decay)
+    optimizer = make_optimizer(params.optimizer, model, params.lr, params.weight_decay,
+                               params.backbone_lr_scale)
     schedule = WarmupCosine(settings.epochs * steps_per_epoch,
                             settings.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -226,6 +259,7 @@ def train(
 
     for epoch in range(first_epoch, last_epoch + 1):
         model.train()
+        freeze_backbones(model, epoch < params.freeze_epochs)  # head-only epochs first
         order = generator.permutation(len(train_split))
         for start in range(0, len(order), params.batch_size):
             rows = order[start:start + params.batch_size]

@@ -27,9 +27,11 @@ SMALL: dict[str, Any] = {
 
 def fusion_cases() -> list[Any]:
     """Every registered fusion x every second modality it accepts (x every late rule), on
-    every registered backbone implementation."""
+    b0 of every registered backbone implementation and on lite0 (which has its own)."""
     cases = []
-    for implementation in models.list_implementations():
+    networks = [("b0", i) for i in models.list_implementations()]
+    networks.append(("lite0", "efficientnet-pytorch"))
+    for backbone, implementation in networks:
         for fusion in models.list_fusions():
             modalities = sorted(models.fusion_accepts(fusion), key=lambda m: m or "")
             rules = models.LATE_RULES if fusion == "late" else ("mean",)
@@ -37,7 +39,9 @@ def fusion_cases() -> list[Any]:
                 for rule in rules:
                     name = f"{fusion}-{modality}" + (f"-{rule}" if fusion == "late" else "")
                     name += "" if implementation == "efficientnet-pytorch" else f"-{implementation}"
-                    cases.append(pytest.param((fusion, modality, rule, implementation), id=name))
+                    name += "" if backbone == "b0" else f"-{backbone}"
+                    cases.append(pytest.param((fusion, modality, rule, implementation, backbone),
+                                              id=name))
     return cases
 
 
@@ -59,10 +63,10 @@ def small_spec() -> Callable[..., models.ModelSpec]:
 
 
 @pytest.fixture
-def case_spec(case: tuple[str, str | None, str, str], small_spec) -> models.ModelSpec:
-    fusion, modality, rule, implementation = case
+def case_spec(case: tuple[str, str | None, str, str, str], small_spec) -> models.ModelSpec:
+    fusion, modality, rule, implementation, backbone = case
     return small_spec(fusion=fusion, modality=modality, late_rule=rule,
-                      implementation=implementation)
+                      implementation=implementation, backbone=backbone)
 
 
 @pytest.fixture

@@ -18,10 +18,14 @@ PAPER_PARAMS = {
     "b5": 30e6,
     "b6": 43e6,
     "b7": 66e6,
+    # EfficientNet-Lite (TensorFlow's efficientnet/lite README; timm: 4.65M, 5.42M, 6.09M).
+    "lite0": 4.7e6,
+    "lite1": 5.4e6,
+    "lite2": 6.1e6,
 }
 
 
-def test_backbones_are_b0_to_b7():
+def test_backbones_are_b0_to_b7_and_lite0_to_lite2():
     assert models.list_backbones() == list(PAPER_PARAMS)
     assert models.list_implementations()[0] == "efficientnet-pytorch"
 

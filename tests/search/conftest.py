@@ -63,6 +63,7 @@ resolution = 32
 patience = 5
 warmup_epochs = 0
 threads = 1
+pretrained = "none"
 
 [space]
 balance = "oversample"

@@ -169,7 +169,7 @@ def test_weights_dir_must_hold_weights_for_every_backbone_of_the_space(tmp_path)
     weights.mkdir()
     (weights / "efficientnet-b0-355c32eb.pth").write_bytes(b"")
     text = good_text().replace("resolution = 32", f'resolution = 32\nweights_dir = "{weights}"')
-    with pytest.raises(ConfigError, match=r"train.weights_dir: no weights for \['b1'\]"):
+    with pytest.raises(ConfigError, match=r"train.pretrained: no weights for \['b1'\]"):
         read_study_file(str(write(tmp_path, text)))
     (weights / "b1.pth").write_bytes(b"")
     assert read_study_file(str(write(tmp_path, text))).train.weights_dir == weights

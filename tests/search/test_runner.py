@@ -124,7 +124,7 @@ def test_a_trial_that_raises_fails_with_its_reason_and_the_study_goes_on(workdir
     (weights / "b1.pth").write_bytes(b"not a checkpoint")  # b1 trials crash when loading it
     study_file = write_study(workdir, tiny_data, n_trials=3, epochs=1)
     text = study_file.read_text().replace('backbone = ["b0"]', 'backbone = ["b0", "b1"]')
-    text = text.replace("threads = 1", f'threads = 1\nweights_dir = "{weights}"')
+    text = text.replace('pretrained = "none"', f'weights_dir = "{weights}"')
     study_file.write_text(text)
     run("--study", str(study_file))
     trials = load().get_trials()
@@ -152,7 +152,7 @@ def test_run_fails_when_its_workers_stop_with_the_budget_unspent(workdir, tiny_d
     (weights / "b0.pth").write_bytes(b"not a checkpoint")  # every trial raises
     study_file = write_study(workdir, tiny_data, n_trials=2, epochs=1, fusion='["none"]')
     study_file.write_text(study_file.read_text().replace(
-        "threads = 1", f'threads = 1\nweights_dir = "{weights}"'))
+        'pretrained = "none"', f'weights_dir = "{weights}"'))
     result = runner.invoke(app, ["run", "--study", str(study_file)])
     assert result.exit_code == 1, result.output
     assert "worker(s) stopped with an error" in result.output
