@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from search.cli import app
-from search.config import TrainConfig, read_study_file
+from search.config import read_study_file
 from search.data.init import Hardware, choose_settings, survey_data
 from tests.search.conftest import make_dataset, write_study
 
@@ -96,7 +96,7 @@ def test_settings_follow_the_images_and_the_machine(workdir):
     assert survey.short_side == 300
     cpu, gpu = choose_settings(survey, CPU), choose_settings(survey, GPU)
     assert (cpu.resolution[0], gpu.resolution[0]) == (64, 224)
-    assert cpu.backbones[0] == ["b0"] and len(gpu.backbones[0]) > 1
+    assert cpu.backbones[0] == ["lite0"] and len(gpu.backbones[0]) > 1  # lite0: weights ship
     assert cpu.balance[0] == "none"  # 6 and 6: nothing to balance
 
     make_dataset(workdir / "small", size=100, counts={"red": 40, "green": 10},
@@ -111,11 +111,9 @@ def test_non_square_photos_and_pending_keys(workdir):
     make_csv_dataset(workdir / "wide", size=(48, 32))
     assert init("--data", "wide").exit_code == 0
     text = (workdir / "studies" / "wide.toml").read_text()
-    for key in ("pretrained", "resize"):
-        line = next(line for line in text.splitlines() if f"{key} = " in line)
-        # Commented out until the schema has the key; written when it does.
-        assert line.startswith("# ") != (key in TrainConfig.model_fields), line
-    read_study_file("wide")
+    assert 'resize = "center_crop"' in text and 'pretrained = "imagenet"' in text
+    config = read_study_file("wide")
+    assert config.train.resize == "center_crop" and config.train.pretrained == "imagenet"
 
 
 def test_an_existing_study_file_is_kept_unless_forced(workdir):
