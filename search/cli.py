@@ -172,13 +172,29 @@ def export(
     trial: Annotated[int | None, typer.Option(
         min=0, help="Trial number to export (default: the best trial).")] = None,
     storage: StorageOption = None,
+    ensemble: Annotated[int, typer.Option(
+        min=1, help="Export the K best trials as one averaged model (weights fitted on val).")] = 1,
+    diverse: Annotated[bool, typer.Option(
+        help="Ensemble members differ in backbone or fusion.")] = False,
+    bias: Annotated[bool, typer.Option(
+        help="Add a per-class decision bias fitted on val for macro F1.")] = False,
 ) -> None:
     """Export a trial (the best by default) as a bundle: model.onnx, weights, model.json."""
     with user_errors():
-        from search.bundle.export import export_trial
         from search.config import read_study_file
 
         config = read_study_file(study)
+        if ensemble > 1 or bias:
+            if trial is not None:
+                raise UserError("--trial exports one trial as it is; it does not combine with "
+                                "--ensemble or --bias")
+            from search.bundle.ensemble import export_ensemble
+
+            export_ensemble(config, config.storage_url(storage), out, size=ensemble,
+                            diverse=diverse, bias=bias, console=console)
+            return
+        from search.bundle.export import export_trial
+
         export_trial(config, config.storage_url(storage), out, trial_number=trial,
                      console=console)
 

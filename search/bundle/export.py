@@ -147,16 +147,21 @@ def load_test_split(config: StudyConfig, trained: TrialModel) -> Split:
 
 def export_onnx(trained: TrialModel, path: Path) -> None:
     """Write the ONNX graph: inputs named by modality, a dynamic batch, output ``logits``."""
-    spec = trained.spec
-    example = models.example_inputs(spec, batch_size=2)
-    args = tuple(example[name] for name in spec.input_names)
+    example = models.example_inputs(trained.spec, batch_size=2)
+    export_graph(trained.model, example, path)
+
+
+def export_graph(model: nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
+    """Export a model that reads a dict batch (its ``input_names``) as an ONNX graph."""
+    names = list(model.input_names)
+    args = tuple(example[name] for name in names)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         # The shared batch dimension makes the exporter note that it renames nothing.
         warnings.simplefilter("ignore", UserWarning)
         torch.onnx.export(
-            models.PositionalInputs(trained.model), args, str(path),
-            input_names=list(spec.input_names), output_names=["logits"], dynamo=True,
+            models.PositionalInputs(model), args, str(path),
+            input_names=names, output_names=["logits"], dynamo=True,
             external_data=False, dynamic_shapes=tuple({0: batch} for _ in args), verbose=False)
 
 
@@ -182,17 +187,23 @@ class OnnxCheck:
         return self.max_abs_diff <= self.tolerance  # False for NaN too
 
 
-@torch.no_grad()
 def check_onnx(trained: TrialModel, session: ort.InferenceSession, split: Split,
                batch_size: int = 64) -> OnnxCheck:
     """Run both on every sample of ``split`` and compare the logits."""
-    trained.model.eval()
+    return compare_onnx(trained.model, session, split, batch_size)
+
+
+@torch.no_grad()
+def compare_onnx(model: nn.Module, session: ort.InferenceSession, split: Split,
+                 batch_size: int = 64) -> OnnxCheck:
+    """Run ``model`` and the graph on every sample of ``split`` and compare the logits."""
+    model.eval()
     diff = largest = 0.0
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
         batch = split.batch(rows, _CPU, channels_last=False)
-        expected = trained.model(batch).numpy()
-        feeds = {name: batch[name].numpy() for name in trained.spec.input_names}
+        expected = model(batch).numpy()
+        feeds = {name: batch[name].numpy() for name in model.input_names}
         (logits,) = session.run(["logits"], feeds)
         diff = max(diff, float(np.abs(logits - expected).max()))
         largest = max(largest, float(np.abs(expected).max()))
