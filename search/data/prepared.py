@@ -17,7 +17,7 @@ import torch
 
 import augment
 from search.config import StudyConfig
-from search.data.cache import SplitArrays, cached_arrays, load_split_arrays
+from search.data.cache import SplitArrays, cached_arrays, load_split_arrays, split_cache_key
 from search.data.decode import (
     DEPTH_MEAN,
     DEPTH_STD,
@@ -126,6 +126,8 @@ class PreparedData:
         train = self.arrays["train"]
         settings = self.config.augment
         key_parts = {
+            # The decoded splits' key (decoder version included): a decode change rebuilds it.
+            "splits": split_cache_key(self.index, self.config.train.resolution),
             "fingerprint": self.index.fingerprint, "resolution": self.config.train.resolution,
             "strategy": strategy, "ops": settings.ops, "target": settings.target_per_class,
             "seed": self.config.study.seed,

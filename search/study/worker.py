@@ -18,8 +18,8 @@ from search.config import StudyConfig
 from search.data.prepared import prepare_data
 from search.errors import UserError
 from search.study.budget import StudyLock, budget_state, top_up
-from search.study.open import open_study
-from search.study.storage import StorageLostError
+from search.study.open import open_study, with_study_artifacts_dir
+from search.study.storage import StorageLostError, interruptible
 from search.trial.artifacts import create_artifact_store
 from search.trial.objective import Objective, pick_device
 
@@ -44,6 +44,11 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     The budget is ``options.n_trials`` when given, else the one the study holds (set by
     ``search run --n-trials``), so a worker started by hand elsewhere shares it exactly.
     """
+    with interruptible():
+        return _run_worker(config, options)
+
+
+def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = pick_device(config.train.device)  # before touching the storage
@@ -51,6 +56,7 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
                        n_trials=options.n_trials or config.study.n_trials,
                        worker_index=options.worker_index)
     n_trials = options.n_trials or study.user_attrs["n_trials"]
+    config = with_study_artifacts_dir(config, study)
     data = prepare_data(config)
     lock = StudyLock(options.storage_url, config.name)
     objective = Objective(data, artifact_store=create_artifact_store(config.artifacts_dir),
