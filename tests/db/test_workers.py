@@ -255,7 +255,8 @@ def test_ctrl_c_stops_run_and_workers_at_once_while_the_database_is_down(workdir
         if run.poll() is None:
             run.kill()
             run.communicate()
-    assert stopped_after < 8, f"search run took {stopped_after:.1f} s\n{output}"
+    # Seconds: a storage retry yields at once; what remains is two interpreters exiting.
+    assert stopped_after < 5, f"took {stopped_after:.1f} s\n{output}{worker_logs(workdir)}"
     assert run.returncode == 130, output
     assert not [pid for pid in workers if alive(pid)], worker_logs(workdir)
     assert "Traceback" not in output
@@ -326,4 +327,4 @@ def test_a_run_from_another_folder_keeps_the_studys_artifact_folder(workdir):
         download_artifact(artifact_store=store, artifact_id=files[CHECKPOINT],
                           file_path=str(target))
         assert torch.load(target, weights_only=True)["state_dict"]
-    study._storage.engine.dispose()
+    study._storage._backend.engine.dispose()
