@@ -4,18 +4,18 @@ The budget is a queue of WAITING trials in the study itself. Optuna's ``ask()`` 
 waiting trial atomically, so workers never need to talk to each other. Two short critical
 sections, "is there a slot left? then ask" and "top the queue up", run under a lock that
 every worker can reach: a file lock next to a SQLite database, or the server's own
-advisory lock (``pg_try_advisory_lock`` / ``GET_LOCK``) for PostgreSQL and MariaDB. A server
-lock is waited for at most ``LOCK_WAIT_S``; a holder stuck longer is an error that names it.
+advisory lock (``pg_try_advisory_lock`` / ``GET_LOCK``) for PostgreSQL and MariaDB. Either is
+waited for at most ``LOCK_WAIT_S``; a holder stuck longer is an error that names the lock.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import filelock
 import optuna
 import sqlalchemy
 import tenacity
@@ -133,7 +133,7 @@ class StudyLock:
         self._name = study_name
         self._retry = retry or RetryPolicy()
         self._wait_s = wait_s
-        self._file = None
+        self._file: filelock.FileLock | None = None
         self._connection: sqlalchemy.Connection | None = None
         self._engine: sqlalchemy.Engine | None = None
 
@@ -147,8 +147,7 @@ class StudyLock:
     def release(self) -> None:
         """Release the lock; safe to call when it is not held."""
         if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+            self._file.release()
             self._file = None
         if self._connection is not None:
             connection, self._connection = self._connection, None
@@ -165,8 +164,14 @@ class StudyLock:
         db_path = self._url.removeprefix("sqlite:///") or "memory"
         lock_path = Path(f"{db_path}.{_slug(self._name)}.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(lock_path, "a+")  # noqa: SIM115 - held across calls
-        fcntl.flock(self._file, fcntl.LOCK_EX)
+        lock = filelock.FileLock(lock_path)
+        try:
+            lock.acquire(timeout=self._wait_s)
+        except filelock.Timeout:
+            raise StorageError(
+                f"study {self._name!r}: the study lock {lock_path} is still held by another "
+                f"process after {self._wait_s:.0f} s; is a worker stuck holding it?") from None
+        self._file = lock
 
     def _acquire_server(self) -> None:
         """Poll the server's try-lock until it is ours, for at most ``wait_s``.

@@ -215,9 +215,9 @@ def test_only_connection_errors_are_transient(error, transient):
     assert is_transient(wrapped) is transient
 
 
-def test_a_stuck_lock_holder_is_a_clear_error_after_a_bounded_wait(server_url):
-    holder = StudyLock(server_url, "stuck")  # a second real connection, holding the lock
-    waiter = StudyLock(server_url, "stuck", wait_s=2)
+def test_a_stuck_lock_holder_is_a_clear_error_after_a_bounded_wait(storage_url):
+    holder = StudyLock(storage_url, "stuck")  # a second real connection, holding the lock
+    waiter = StudyLock(storage_url, "stuck", wait_s=2)
     holder.acquire()
     try:
         started = time.monotonic()
@@ -229,10 +229,11 @@ def test_a_stuck_lock_holder_is_a_clear_error_after_a_bounded_wait(server_url):
         waiter.close()
     assert 1.5 <= waited < 6, waited
     message = str(raised.value)
-    database = sqlalchemy.engine.make_url(server_url).database
-    assert f"{database!r}" in message and "study lock fusion-search-" in message
-    assert "still held by another session after 2 s" in message and "\n" not in message
-    assert waiter._connection is None  # nothing held after giving up
+    database = sqlalchemy.engine.make_url(storage_url).database
+    assert database in message and "study lock " in message and "fusion-search-" in message
+    assert "is still held by another" in message and "after 2 s" in message
+    assert "\n" not in message
+    assert waiter._connection is None and waiter._file is None  # nothing held after giving up
     waiter.acquire()  # once the holder is gone, the lock is free again
     waiter.close()
 
