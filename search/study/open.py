@@ -145,12 +145,14 @@ def require_existing_storage(storage_url: str, config: StudyConfig) -> None:
 
 
 def study_artifacts_dir(config: StudyConfig, study: optuna.Study) -> Path:
-    """The artifact store's folder: the one recorded when the study was created, if it is
-    on this machine, else the study file's.
+    """The artifact store to read: the study file's, else the one the study recorded.
 
     ``artifacts_dir`` in the study file is relative to where ``search`` runs; the study
-    remembers the absolute folder, which finds the artifacts from any other directory.
+    remembers the absolute folder, which finds the artifacts from any other directory. A
+    copy of a study's folder (database and artifacts) reads its own copy.
     """
+    if config.artifacts_dir.is_dir():
+        return config.artifacts_dir
     recorded = study.user_attrs.get("artifacts_dir")
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
