@@ -99,13 +99,20 @@ def test_worker_runs_search_worker_on_the_study_from_the_environment():
     assert 0 <= context.params["worker_index"] < 1_000_000  # seeds stay below 2**32
 
 
-def test_dashboard_runs_search_dashboard_reachable_from_outside():
+def test_dashboard_is_published_on_the_hosts_loopback_only():
     words = command_words(SERVICES["dashboard"])
     assert words[:2] == ["search", "dashboard"]
     context = parse_cli(words)
+    # Inside its container it listens on every interface, so Docker can forward to it...
     assert context.params["host"] == "0.0.0.0"
-    published = [interpolate(p) for p in SERVICES["dashboard"]["ports"]]
-    assert f"8080:{context.params['port']}" in published
+    # ...but the host publishes it on 127.0.0.1 alone: it has no login and can delete studies.
+    for port in SERVICES["dashboard"]["ports"]:
+        host_ip, host_port, container_port = interpolate(str(port)).split(":")
+        assert host_ip == "127.0.0.1", f"dashboard published on {host_ip or 'all interfaces'}"
+        assert (host_port, container_port) == ("8080", str(context.params["port"]))
+    for name, service in SERVICES.items():  # nothing else is published to the network
+        for port in service.get("ports", []):
+            assert interpolate(str(port)).startswith("127.0.0.1:"), (name, port)
 
 
 @pytest.mark.parametrize("name", ["worker", "dashboard"])

@@ -4,19 +4,21 @@ The budget is a queue of WAITING trials in the study itself. Optuna's ``ask()`` 
 waiting trial atomically, so workers never need to talk to each other. Two short critical
 sections, "is there a slot left? then ask" and "top the queue up", run under a lock that
 every worker can reach: a file lock next to a SQLite database, or the server's own
-advisory lock (``pg_advisory_lock`` / ``GET_LOCK``) for PostgreSQL and MariaDB.
+advisory lock (``pg_try_advisory_lock`` / ``GET_LOCK``) for PostgreSQL and MariaDB. Either is
+waited for at most ``LOCK_WAIT_S``; a holder stuck longer is an error that names the lock.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import filelock
 import optuna
 import sqlalchemy
+import tenacity
 from optuna.trial import TrialState
 
 from search.errors import StorageError
@@ -32,7 +34,9 @@ from search.study.storage import (
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)
 # A critical section lasts one ask(); ten minutes of waiting means a stuck holder.
-LOCK_WAIT_S = 600
+LOCK_WAIT_S = 600.0
+# Polling a held server lock: the first retry soon, then at most once a second.
+LOCK_POLL_FIRST_S, LOCK_POLL_MAX_S = 0.05, 1.0
 
 
 @dataclass(frozen=True)
@@ -124,11 +128,12 @@ class StudyLock:
     """
 
     def __init__(self, storage_url: str, study_name: str, *,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, wait_s: float = LOCK_WAIT_S) -> None:
         self._url = normalize_url(storage_url)
         self._name = study_name
         self._retry = retry or RetryPolicy()
-        self._file = None
+        self._wait_s = wait_s
+        self._file: filelock.FileLock | None = None
         self._connection: sqlalchemy.Connection | None = None
         self._engine: sqlalchemy.Engine | None = None
 
@@ -142,8 +147,7 @@ class StudyLock:
     def release(self) -> None:
         """Release the lock; safe to call when it is not held."""
         if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+            self._file.release()
             self._file = None
         if self._connection is not None:
             connection, self._connection = self._connection, None
@@ -160,34 +164,68 @@ class StudyLock:
         db_path = self._url.removeprefix("sqlite:///") or "memory"
         lock_path = Path(f"{db_path}.{_slug(self._name)}.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(lock_path, "a+")
-        fcntl.flock(self._file, fcntl.LOCK_EX)
+        lock = filelock.FileLock(lock_path)
+        try:
+            lock.acquire(timeout=self._wait_s)
+        except filelock.Timeout:
+            raise StorageError(
+                f"study {self._name!r}: the study lock {lock_path} is still held by another "
+                f"process after {self._wait_s:.0f} s; is a worker stuck holding it?") from None
+        self._file = lock
 
     def _acquire_server(self) -> None:
+        """Poll the server's try-lock until it is ours, for at most ``wait_s``.
+
+        ``pg_advisory_lock`` would wait for ever behind a hung holder, silently stalling
+        every worker; polling ``pg_try_advisory_lock`` (``GET_LOCK(key, 0)`` on MariaDB)
+        bounds the wait, and a Ctrl-C lands between two polls.
+
+        Raises:
+            StorageError: Another session held the lock for the whole wait.
+        """
         if self._engine is None:
             self._engine = sqlalchemy.create_engine(self._url, **engine_kwargs(self._url))
         connection = self._engine.connect()
+        poll = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda got: not got),
+            stop=tenacity.stop_before_delay(self._wait_s),
+            wait=tenacity.wait_exponential(multiplier=LOCK_POLL_FIRST_S, max=LOCK_POLL_MAX_S),
+            retry_error_callback=lambda state: False,
+        )
         try:
-            got = connection.execute(*self._server_sql(unlock=False)).scalar()
-            connection.commit()
-        except Exception:
+            got = poll(self._try_lock, connection)
+        except BaseException:
             connection.invalidate()
             raise
-        if got == 0:  # GET_LOCK timed out (pg_advisory_lock waits for ever and returns NULL)
+        if not got:
             connection.close()
-            raise StorageError(f"study {self._name!r}: no lock within {LOCK_WAIT_S} s on "
-                               f"{redact(self._url)}; is a worker stuck holding it?")
+            database = sqlalchemy.engine.make_url(self._url).database
+            raise StorageError(
+                f"study {self._name!r}: the study lock {self._lock_name()} in database "
+                f"{database!r} ({redact(self._url)}) is still held by another session after "
+                f"{self._wait_s:.0f} s; is a worker stuck holding it? (PostgreSQL: "
+                "pg_locks with locktype 'advisory'; MariaDB: IS_USED_LOCK)")
         self._connection = connection
+
+    def _try_lock(self, connection: sqlalchemy.Connection) -> bool:
+        got = connection.execute(*self._server_sql(unlock=False)).scalar()
+        connection.commit()
+        return bool(got)
+
+    def _lock_name(self) -> str:
+        key = _slug(self._name)
+        if self._url.startswith("postgresql"):
+            return f"{key} (advisory lock key {_advisory_key(key)})"
+        return key
 
     def _server_sql(self, *, unlock: bool) -> tuple:
         key = _slug(self._name)
         if self._url.startswith("postgresql"):
-            number = int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
-            verb = "pg_advisory_unlock" if unlock else "pg_advisory_lock"
-            return (sqlalchemy.text(f"SELECT {verb}(:key)"), {"key": number})
+            verb = "pg_advisory_unlock" if unlock else "pg_try_advisory_lock"
+            return (sqlalchemy.text(f"SELECT {verb}(:key)"), {"key": _advisory_key(key)})
         if unlock:
             return (sqlalchemy.text("SELECT RELEASE_LOCK(:key)"), {"key": key})
-        return (sqlalchemy.text("SELECT GET_LOCK(:key, :wait)"), {"key": key, "wait": LOCK_WAIT_S})
+        return (sqlalchemy.text("SELECT GET_LOCK(:key, 0)"), {"key": key})
 
     def close(self) -> None:
         """Release the lock and close its connections."""
@@ -199,3 +237,8 @@ class StudyLock:
 
 def _slug(name: str) -> str:
     return "fusion-search-" + hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
+def _advisory_key(slug: str) -> int:
+    """PostgreSQL's advisory locks take a bigint; 15 hex digits fit in one."""
+    return int(hashlib.sha1(slug.encode()).hexdigest()[:15], 16)

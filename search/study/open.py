@@ -84,9 +84,19 @@ def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
 
 
 def _record(study: optuna.Study, config: StudyConfig, n_trials: int) -> None:
+    """Record the budget (a later ``search run --n-trials`` may change it), and once, when the
+    study is new, its study file and artifact folder.
+
+    ``artifacts_dir`` is resolved from the folder of the run that created the study and never
+    rewritten: a run started from another folder writes to the same store (see
+    :func:`with_study_artifacts_dir`), so no checkpoint is split off where export misses it.
+    """
     study.set_user_attr("n_trials", n_trials)
-    study.set_user_attr("study_file", str(config.source))
-    study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
+    recorded = study.user_attrs
+    if "study_file" not in recorded:
+        study.set_user_attr("study_file", str(config.source))
+    if "artifacts_dir" not in recorded:
+        study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
 
 
 def make_sampler(config: StudyConfig, worker_index: int) -> optuna.samplers.BaseSampler:
@@ -133,7 +143,7 @@ def require_existing_storage(storage_url: str, config: StudyConfig) -> None:
     except ArgumentError as error:
         raise StorageError(f"storage URL {redact(storage_url)} is invalid: {error}") from None
     if not database or database == ":memory:":
-        raise StorageError(f"storage {storage_url} is an in-memory SQLite database; "
+        raise StorageError(f"storage {redact(storage_url)} is an in-memory SQLite database; "
                            "it holds no study once `search run` has exited")
     if not Path(database).is_file():
         raise StorageError(f"no SQLite database at {database}: run `search run --study "
@@ -141,10 +151,11 @@ def require_existing_storage(storage_url: str, config: StudyConfig) -> None:
 
 
 def study_artifacts_dir(config: StudyConfig, study: optuna.Study) -> Path:
-    """The artifact store's folder: the study file's, else the one ``search run`` recorded.
+    """The artifact store to read: the study file's, else the one the study recorded.
 
     ``artifacts_dir`` in the study file is relative to where ``search`` runs; the study
-    remembers the absolute folder, which finds the artifacts from any other directory.
+    remembers the absolute folder, which finds the artifacts from any other directory. A
+    copy of a study's folder (database and artifacts) reads its own copy.
     """
     if config.artifacts_dir.is_dir():
         return config.artifacts_dir
@@ -160,3 +171,17 @@ def _name_objective(study: optuna.Study) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retrying(study.set_metric_names, [OBJECTIVE_NAME])
+
+
+def with_study_artifacts_dir(config: StudyConfig, study: optuna.Study) -> StudyConfig:
+    """``config`` writing to the artifact folder the study recorded, from whatever folder.
+
+    Checkpoints, confusion matrices and resume files of one study then live in one store.
+    A worker on another machine needs that folder at the same path (a shared mount, or the
+    same volume as in docker-compose.yml).
+    """
+    recorded = study.user_attrs.get("artifacts_dir")
+    if not recorded or Path(recorded) == config.artifacts_dir.resolve():
+        return config
+    section = config.study.model_copy(update={"artifacts_dir": Path(recorded)})
+    return config.model_copy(update={"study": section})

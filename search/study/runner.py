@@ -2,7 +2,9 @@
 
 The study is created here, once, before any worker starts (two processes creating the
 same fresh SQLite study race on table creation). Workers are plain subprocesses running
-``search worker``; the database is their only coordination.
+``search worker``; the database is their only coordination. They get the storage URL in
+their environment (``SEARCH_STORAGE``), never on their command line, which every local user
+can read (``ps``, ``/proc/PID/cmdline``), password included.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from search.data.prepared import prepare_data
 from search.errors import WorkersFailedError
 from search.study.open import open_study
 from search.study.report import best_trials_table, failures, progress
-from search.study.storage import retrying
+from search.study.storage import interruptible, retrying
 from search.study.supervisor import Supervisor
 from search.trial.objective import check_pretrained, pick_device
 
@@ -64,7 +66,13 @@ def physical_gpu(position: int, visible: str | None) -> str:
 def run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None = None,
               workers: int | None = None, console: Console | None = None) -> optuna.Study:
     """Run (or continue) the study until its budget is spent; returns the study."""
-    console = console or Console()
+    with interruptible():
+        return _run_study(config, storage_url=storage_url, n_trials=n_trials, workers=workers,
+                          console=console or Console())
+
+
+def _run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None,
+               workers: int | None, console: Console) -> optuna.Study:
     pick_device(config.train.device)  # fail before anything starts if no GPU is there
     check_pretrained(config)  # ... or if ImageNet weights can be neither found nor fetched
     n_trials = n_trials or config.study.n_trials
@@ -94,7 +102,13 @@ def run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None = N
     except KeyboardInterrupt:
         console.print("interrupted: stopping workers (their running trials are marked FAIL)")
         _stop(supervisor.processes)
-        _fail_orphans(study, supervisor.processes)
+        try:
+            _fail_orphans(study, supervisor.processes)
+        except KeyboardInterrupt:
+            # The database is unreachable (interrupted storage calls do not retry); the
+            # trials left RUNNING are failed by the next worker's heartbeat check.
+            console.print("the storage is unreachable: trials left RUNNING are failed by "
+                          "the next run's heartbeat check")
         console.print(f"run `search run --study {config.source}` to continue")
         raise
     processes = supervisor.processes
@@ -118,11 +132,12 @@ def _start_worker(config: StudyConfig, storage_url: str, n_trials: int,
                   plan: WorkerPlan) -> subprocess.Popen:
     logs = config.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    # The URL (and its password) goes through the environment: a command line is public.
+    env = {**os.environ, "SEARCH_STORAGE": storage_url}
     if plan.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = physical_gpu(plan.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     command = [sys.executable, "-m", "search", "worker", "--study", str(config.source),
-               "--storage", storage_url, "--n-trials", str(n_trials),
+               "--n-trials", str(n_trials),
                "--worker-index", str(plan.index), "--threads", str(plan.threads)]
     log = open(logs / f"worker-{plan.index}.log", "a")
     # Own session: a terminal Ctrl-C reaches only us, and we forward exactly one SIGINT.

@@ -9,19 +9,25 @@ unreachable database becomes one :class:`~search.errors.StorageError` line.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging
 import re
-import time
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
+import tenacity
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import RDBStorage
+from optuna.storages._rdb import models  # private: pinned to optuna 5 in pyproject.toml
 from optuna.trial import TrialState
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import (
@@ -44,6 +50,8 @@ _TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutE
 
 logger = logging.getLogger("search.study.storage")
 T = TypeVar("T")
+# Set by Ctrl-C (see interruptible): from then on a failing storage call is not retried.
+_INTERRUPTED = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,8 @@ def normalize_url(url: str) -> str:
     """Pick the shipped driver for bare ``postgresql://`` and ``mysql://`` URLs."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise StorageError(f"storage URL {url!r} is not a URL (expected e.g. sqlite:///study.db)")
+        raise StorageError(f"storage URL {scrub(url)!r} is not a URL "
+                           "(expected e.g. sqlite:///study.db)")
     return f"{_DRIVERS.get(scheme, scheme)}://{rest}"
 
 
@@ -76,7 +85,16 @@ def redact(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
-        return re.sub(r":[^:@/]+@", ":***@", url)
+        return scrub(url)
+
+
+def scrub(text: str) -> str:
+    """``text`` with the password of every ``user:password@`` in it replaced by ``***``.
+
+    For text that is not a well-formed URL: an unparsable ``--storage`` value, or a driver
+    message that quotes the URL it was given.
+    """
+    return re.sub(r"([\w.~%+-]*:)[^@\s/'\"]*@", r"\1***@", text)
 
 
 def engine_kwargs(url: str) -> dict:
@@ -94,7 +112,7 @@ def short_reason(error: BaseException) -> str:
         error = error.__cause__  # Optuna's own message only says "during the commit"
     text = str(getattr(error, "orig", None) or error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
-    return re.sub(r"\s*\(Background on this error.*$", "", first)[:300]
+    return scrub(re.sub(r"\s*\(Background on this error.*$", "", first))[:300]
 
 
 def is_transient(error: BaseException) -> bool:
@@ -111,28 +129,79 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, _TRANSIENT)
 
 
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """While inside, Ctrl-C (SIGINT) also ends every storage retry at once.
+
+    Without it, a Ctrl-C while the database is down raises in one call, and then every
+    clean-up that touches the storage (Optuna failing the running trial, ``search run``
+    failing its workers' trials) would wait out its own :class:`RetryPolicy`. Once
+    interrupted, a failing storage call raises ``KeyboardInterrupt`` instead of retrying.
+    Only the main thread can install a signal handler; elsewhere this does nothing. Use it
+    around a whole command (``search run``, ``search worker``): an interrupt that leaves it
+    is taken to end the process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        _INTERRUPTED.set()
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except KeyboardInterrupt:
+        # The process is about to exit. Its last garbage collection would walk every object
+        # torch, scipy and Optuna created, seconds on a busy machine; frozen, they are skipped.
+        gc.freeze()
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
+
+
+def _give_up(what: str, policy: RetryPolicy | None) -> Callable[[tenacity.RetryCallState], Any]:
+    """What a retry loop raises when it stops: the interrupt, or one storage error line."""
+
+    def give_up(state: tenacity.RetryCallState) -> Any:
+        error = state.outcome.exception() if state.outcome else None
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt from error
+        if policy is None or error is None:
+            return state.outcome.result() if state.outcome else None  # re-raises the error
+        raise StorageLostError(f"lost the connection to {what} for {policy.total_s:.0f} s: "
+                               f"{short_reason(error)}") from error
+
+    return give_up
+
+
 def call_with_retries(call: Callable[..., T], /, *args: Any, policy: RetryPolicy,
                       what: str = "storage", **kwargs: Any) -> T:
     """Run ``call``, retrying transient database errors with exponential back-off.
 
     Raises:
         StorageLostError: The database stayed unreachable for ``policy.total_s``.
+        KeyboardInterrupt: Ctrl-C came during the outage (see :func:`interruptible`).
     """
-    deadline = time.monotonic() + policy.total_s
-    wait = policy.first_wait_s
-    while True:
-        try:
-            return call(*args, **kwargs)
-        except Exception as error:
-            if not is_transient(error):
-                raise
-            if time.monotonic() + wait > deadline:
-                raise StorageLostError(f"lost the connection to {what} for "
-                                       f"{policy.total_s:.0f} s: {short_reason(error)}") from error
-            logger.warning("%s unreachable (%s); retrying in %.1f s",
-                           what, short_reason(error), wait)
-            time.sleep(wait)
-            wait = min(wait * 2, policy.max_wait_s)
+
+    def log_wait(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        logger.warning("%s unreachable (%s); retrying in %.1f s",
+                       what, short_reason(error) if error else "?", wait)
+
+    retryer = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        # Never start a wait that would end past the policy's total.
+        stop=(tenacity.stop_before_delay(policy.total_s)
+              | tenacity.stop_when_event_set(_INTERRUPTED)),
+        wait=tenacity.wait_exponential(multiplier=policy.first_wait_s, max=policy.max_wait_s),
+        before_sleep=log_wait,
+        retry_error_callback=_give_up(what, policy),
+    )
+    return retryer(call, *args, **kwargs)
 
 
 def retrying(call: Callable[..., T], *args: Any, attempts: int = 6, first_wait_s: float = 0.5,
@@ -141,18 +210,16 @@ def retrying(call: Callable[..., T], *args: Any, attempts: int = 6, first_wait_s
 
     Storages from :func:`get_storage` already retry each call for a whole
     :class:`RetryPolicy`; this outer loop covers other storages and never retries a call
-    that already exhausted its policy (:class:`StorageLostError`).
+    that already exhausted its policy (:class:`StorageLostError`). After ``attempts`` tries
+    the last error is raised as it is.
     """
-    wait = first_wait_s
-    for _ in range(attempts - 1):
-        try:
-            return call(*args, **kwargs)
-        except Exception as error:
-            if not is_transient(error):
-                raise
-            time.sleep(wait)
-            wait = min(wait * 2, 10.0)
-    return call(*args, **kwargs)
+    retryer = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        stop=tenacity.stop_after_attempt(attempts) | tenacity.stop_when_event_set(_INTERRUPTED),
+        wait=tenacity.wait_exponential(multiplier=first_wait_s, max=10.0),
+        retry_error_callback=_give_up("storage", None),
+    )
+    return retryer(call, *args, **kwargs)
 
 
 def _failed_ping_is_a_disconnect(context: ExceptionContext) -> None:
@@ -214,7 +281,40 @@ class ResilientRDBStorage(RDBStorage):
     set_trial_intermediate_value = _retried(RDBStorage.set_trial_intermediate_value)
     set_trial_user_attr = _retried(RDBStorage.set_trial_user_attr)
     set_trial_system_attr = _retried(RDBStorage.set_trial_system_attr)
-    _get_stale_trial_ids = _retried(RDBStorage._get_stale_trial_ids)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials, plus RUNNING trials that never recorded a heartbeat.
+
+        Optuna only counts a trial stale once its last heartbeat is old, and skips a trial
+        with no heartbeat row at all. Such a trial exists when the worker that popped it
+        never ran it: the WAITING -> RUNNING commit went through but its acknowledgement was
+        lost, so the retry saw the trial taken and ``ask()`` moved on to the next one. Nobody
+        would ever finish it, and the budget would wait for it for ever.
+        """
+        stale = call_with_retries(RDBStorage._get_stale_trial_ids, self, study_id,
+                                  policy=self.retry_policy, what=self.description)
+        never_beat = call_with_retries(self._never_beaten_trial_ids, study_id,
+                                       policy=self.retry_policy, what=self.description)
+        return stale + [trial_id for trial_id in never_beat if trial_id not in stale]
+
+    def _never_beaten_trial_ids(self, study_id: int) -> list[int]:
+        """RUNNING trials of ``study_id`` started over a grace period ago that never beat.
+
+        A worker records its first heartbeat right after ``ask()``, so a grace period without
+        one means no worker runs the trial. ``datetime_start`` is stored in UTC by the popping
+        worker's clock, so this compares it with ours (as Optuna's own timestamps do).
+        """
+        grace_s = self.grace_period or 2 * (self.heartbeat_interval or 60)
+        cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=grace_s)
+        trial = models.TrialModel.__table__.c
+        beat = models.TrialHeartbeatModel.__table__.c
+        query = (sqlalchemy.select(trial.trial_id)
+                 .select_from(models.TrialModel.__table__.outerjoin(
+                     models.TrialHeartbeatModel.__table__, beat.trial_id == trial.trial_id))
+                 .where(trial.study_id == study_id, trial.state == TrialState.RUNNING,
+                        beat.trial_id.is_(None), trial.datetime_start < cutoff))
+        with self.engine.connect() as connection:
+            return list(connection.execute(query).scalars())
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:

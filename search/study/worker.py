@@ -21,9 +21,9 @@ from search.data.prepared import prepare_data
 from search.errors import Preempted, UserError
 from search.launch.placement import slurm_attrs
 from search.study.budget import StudyLock, budget_state, top_up
-from search.study.open import open_study
+from search.study.open import open_study, with_study_artifacts_dir
 from search.study.requeue import INTERRUPTED, queue_copy
-from search.study.storage import StorageLostError, retrying
+from search.study.storage import StorageLostError, interruptible, retrying
 from search.trial.artifacts import create_artifact_store
 from search.trial.objective import Objective, check_pretrained, pick_device
 
@@ -48,6 +48,11 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     The budget is ``options.n_trials`` when given, else the one the study holds (set by
     ``search run --n-trials``), so a worker started by hand elsewhere shares it exactly.
     """
+    with interruptible():
+        return _run_worker(config, options)
+
+
+def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = pick_device(config.train.device)  # before touching the storage
@@ -56,6 +61,7 @@ def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
                        n_trials=options.n_trials or config.study.n_trials,
                        worker_index=options.worker_index)
     n_trials = options.n_trials or study.user_attrs["n_trials"]
+    config = with_study_artifacts_dir(config, study)
     data = prepare_data(config)
     lock = StudyLock(options.storage_url, config.name)
     objective = Objective(data, artifact_store=create_artifact_store(config.artifacts_dir),

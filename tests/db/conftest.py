@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,32 +188,79 @@ def logs(workdir: Path) -> str:
                      for p in sorted(workdir.glob("worker-*.log")))
 
 
-def pg_ctl(action: str) -> None:
-    """``pg_ctlcluster <version> main <action>`` on this machine's PostgreSQL."""
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-                   check=True, timeout=120, capture_output=True)
+class OwnPostgres:
+    """A PostgreSQL server of the test's own, which it may stop, restart or take away.
+
+    ``initdb`` into a fresh folder, listening on a free port of 127.0.0.1 only, with
+    password (scram) authentication over TCP: the shared server on 5432 is never touched.
+    As root, the server runs as the ``postgres`` user (PostgreSQL refuses to run as root).
+    """
+
+    def __init__(self) -> None:
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not bins:
+            pytest.skip("no PostgreSQL server binaries (/usr/lib/postgresql/*/bin) here")
+        self.bin = bins[-1].parent
+        self.password = "pw-" + secrets.token_hex(8)
+        self.root = Path(tempfile.mkdtemp(prefix="fs-own-pg-"))
+        self.data = self.root / "data"
+        self.port = _free_port()
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.root, "postgres")
+        (self.root / "pw").write_text(self.password)
+        if self._as_postgres:
+            shutil.chown(self.root / "pw", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--no-sync",
+                  "--auth-local=trust", "--auth-host=scram-sha-256",
+                  f"--pwfile={self.root / 'pw'}")
+
+    @property
+    def url(self) -> str:
+        """The superuser's URL to database ``postgres``, password included."""
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c full_page_writes=off")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l",
+                  str(self.root / "log"), "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` ends sessions and shuts down cleanly; ``immediate`` is a crash."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def running(self) -> bool:
+        done = subprocess.run([str(self.bin / "pg_ctl"), "-D", str(self.data), "status"],
+                              capture_output=True, user="postgres" if self._as_postgres else None)
+        return done.returncode == 0
+
+    def remove(self) -> None:
+        if self.running():
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _run(self, program: str, *args: str) -> None:
+        done = subprocess.run([str(self.bin / program), *args], capture_output=True, text=True,
+                              timeout=120, user="postgres" if self._as_postgres else None)
+        if done.returncode != 0:
+            log = self.root / "log"
+            pytest.fail(f"{program} failed: {done.stderr or done.stdout}"
+                        + (log.read_text() if log.exists() else ""))
 
 
-def postgres_ready() -> bool:
-    done = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"], timeout=30)
-    return done.returncode == 0
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture
-def restartable_postgres(postgres_db: ServerDatabase) -> Iterator[ServerDatabase]:
-    """A fresh PostgreSQL database whose server the test may stop and restart.
-
-    Whatever the test does, the server is running again afterwards (before the database
-    is dropped: this fixture's clean-up runs before ``postgres_db``'s).
-    """
-    if not Path("/etc/postgresql").is_dir():
-        pytest.skip("PostgreSQL is not managed by pg_ctlcluster on this machine")
+def own_postgres() -> Iterator[OwnPostgres]:
+    """A running PostgreSQL server of this test's own (see :class:`OwnPostgres`)."""
+    server = OwnPostgres()
     try:
-        yield postgres_db
+        server.start()
+        yield server
     finally:
-        if not postgres_ready():
-            pg_ctl("start")
-        deadline = time.monotonic() + 60
-        while not postgres_ready() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        server.remove()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -12,6 +14,7 @@ import sqlalchemy
 from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 
+from search.config import HeartbeatConfig
 from search.config import read_study_file as load_config
 from search.errors import StorageError
 from search.study.budget import StudyLock, budget_state, queue_start_points, top_up
@@ -23,8 +26,10 @@ from search.study.storage import (
     call_with_retries,
     check_reachable,
     get_storage,
+    interruptible,
     is_transient,
     normalize_url,
+    retrying,
 )
 from tests.db.conftest import tiny_study
 
@@ -208,3 +213,75 @@ def test_only_connection_errors_are_transient(error, transient):
     wrapped = StorageInternalError("An exception is raised during the commit.")
     wrapped.__cause__ = error  # how RDBStorage reports every SQLAlchemy error
     assert is_transient(wrapped) is transient
+
+
+def test_a_stuck_lock_holder_is_a_clear_error_after_a_bounded_wait(storage_url):
+    holder = StudyLock(storage_url, "stuck")  # a second real connection, holding the lock
+    waiter = StudyLock(storage_url, "stuck", wait_s=2)
+    holder.acquire()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageError) as raised:
+            waiter.acquire()
+        waited = time.monotonic() - started
+    finally:
+        holder.close()
+        waiter.close()
+    assert 1.5 <= waited < 6, waited
+    message = str(raised.value)
+    database = sqlalchemy.engine.make_url(storage_url).database
+    assert database in message and "study lock " in message and "fusion-search-" in message
+    assert "is still held by another" in message and "after 2 s" in message
+    assert "\n" not in message
+    assert waiter._connection is None and waiter._file is None  # nothing held after giving up
+    waiter.acquire()  # once the holder is gone, the lock is free again
+    waiter.close()
+
+
+def test_a_running_trial_that_never_beat_is_failed_and_retried(storage_url):
+    """A WAITING -> RUNNING commit whose acknowledgement was lost leaves a trial RUNNING
+    with no heartbeat row and no worker; the stale-trial sweep must fail and retry it."""
+    storage = get_storage(storage_url, heartbeat=HeartbeatConfig(interval_s=1, grace_s=2))
+    study = optuna.create_study(study_name="lost-ack", storage=storage)
+    study.enqueue_trial({"x": 1.0})
+    [waiting] = study.get_trials()
+    # What a worker's pop committed before its connection dropped: nobody runs this trial.
+    assert storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING)
+    beating = study.ask()  # a trial that does beat, and must be left alone
+    storage.record_heartbeat(beating._trial_id)
+    optuna.storages.fail_stale_trials(study)
+    assert study.get_trials()[0].state == TrialState.RUNNING  # within its grace period
+    time.sleep(2.5)
+    storage.record_heartbeat(beating._trial_id)
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert trials[2].system_attrs["failed_trial"] == 0 and trials[2].params == {}
+    storage.engine.dispose()
+
+
+def test_an_interrupt_ends_storage_retries_at_once():
+    attempts = []
+
+    def unreachable() -> None:
+        attempts.append(time.monotonic())
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    policy = RetryPolicy(total_s=60, first_wait_s=0.2, max_wait_s=0.2)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with interruptible():
+        started = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            call_with_retries(unreachable, policy=policy)
+        assert time.monotonic() - started < 1.5
+        # Clean-up after Ctrl-C (failing the running trial...) tries once, waits for nothing.
+        attempts.clear()
+        with pytest.raises(KeyboardInterrupt):
+            call_with_retries(unreachable, policy=policy)
+        assert len(attempts) == 1
+        with pytest.raises(KeyboardInterrupt):
+            retrying(unreachable)
+    # Outside, the next interrupt-free call retries as usual again.
+    with pytest.raises(StorageLostError):
+        call_with_retries(unreachable, policy=RetryPolicy(total_s=0.3, first_wait_s=0.05))
