@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -22,8 +24,18 @@ ROOT = Path(__file__).parents[2]
 
 def _trials(workdir: Path) -> list[FrozenTrial]:
     db = workdir / "runs" / "tiny" / "study.db"
+    # Opening a half-created database with Optuna would race the worker on creating its
+    # tables, so look for the study row with plain sqlite3 first.
     if not db.exists():
-        return []  # `search run` has not created the study yet
+        return []
+    try:
+        with closing(sqlite3.connect(db)) as connection:
+            found = connection.execute(
+                "SELECT 1 FROM studies WHERE study_name = 'tiny'").fetchone()
+    except sqlite3.OperationalError:
+        found = None  # no database or no tables yet
+    if not found:
+        return []
     return optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}").get_trials()
 
 
