@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,7 @@ def bundle_mb(bundle: Path) -> float:
 def main() -> None:
     args = parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     quiet = Console(quiet=True)
     header = ["study", "seed", *ROWS, "single MB / ms", "ens3 MB / ms"]
     lines: list[list[str]] = []
