@@ -26,6 +26,7 @@ from rich.console import Console
 from sklearn.metrics import accuracy_score, f1_score
 
 from search.bundle.files import META_FILE, ONNX_FILE
+from search.bundle.schema import first_problem
 from search.data.decode import (
     CSV_ENCODING,
     DEFAULT_RESIZE,
@@ -160,7 +161,9 @@ def check_meta(meta: object, path: Path) -> None:
     """The keys predict relies on, each missing one named with its dotted path."""
     if not isinstance(meta, dict):
         raise BundleError(f"{path}: expected a JSON object")
-    modalities = [e.get("modality") for e in meta.get("inputs", []) if isinstance(e, dict)]
+    listed = meta.get("inputs")
+    modalities = [e.get("modality") for e in (listed if isinstance(listed, list) else [])
+                  if isinstance(e, dict) and isinstance(e.get("modality"), str)]
     needed = list(_NEEDED)
     needed += [f"preprocess.{m}.{k}" for m in ("depth", "numeric") if m in modalities
                for k in ("mean", "std")]
@@ -191,6 +194,9 @@ def check_meta(meta: object, path: Path) -> None:
             and fitted[0] < fitted[1]):
         raise BundleError(f"{path}: preprocess.depth.range must be null or [low, high] "
                           "with low < high")
+    problem = first_problem(meta)  # the types of everything else predict reads
+    if problem is not None:
+        raise BundleError(f"{path}: {problem}")
 
 
 def load_pixels(path: Path, modality: str, preprocess: dict) -> np.ndarray:
@@ -373,7 +379,13 @@ def predict(bundle: Bundle, samples: list[Sample]) -> Predictions:
     chunks = []
     for start in range(0, len(samples), BATCH_SIZE):
         chunk = samples[start:start + BATCH_SIZE]
-        logits = bundle.session.run(None, model_inputs(bundle, chunk))[0]
+        feeds = model_inputs(bundle, chunk)
+        try:
+            logits = bundle.session.run(None, feeds)[0]
+        except Exception as error:  # onnxruntime's own types: InvalidArgument, Fail, ...
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0][:200]
+            raise BundleError(f"{bundle.folder / ONNX_FILE}: rejects the inputs "
+                              f"{META_FILE} describes ({reason})") from None
         if logits.shape != (len(chunk), len(bundle.classes)):
             raise BundleError(f"{bundle.folder / ONNX_FILE}: returns shape {logits.shape}, "
                               f"expected (samples, {len(bundle.classes)} labels)")
