@@ -72,13 +72,13 @@ def apply_poses(batch: torch.Tensor, poses: Poses) -> torch.Tensor:
     out = torch.empty_like(batch)
     for pose in code.unique().tolist():
         rows = (code == pose).nonzero().squeeze(1).to(batch.device, non_blocking=True)
-        part = batch.index_select(0, rows)
+        part = batch[rows]  # not index_select: many times slower on CPU uint8 (torch 2.14)
         dims = [d for d, on in ((2, pose & 1), (1, pose & 2)) if on]
         if dims:
             part = part.flip(dims)
         if pose & 4:
             part = part.transpose(1, 2)
-        out.index_copy_(0, rows, part)
+        out[rows] = part
     return out
 
 
