@@ -119,24 +119,30 @@ def train_ratio(backbone: str, resolution: int, batch: int, steps: int, device: 
 
     split = synthetic_split(resolution, ("rgb",), max(4 * batch, 256), flips=True)
     fixed, labels = split.to_device(split.gather(np.arange(batch)), device, speed.channels_last)
-    for _ in range(2):  # warm-up: kernel selection, allocator
-        step(fixed, labels)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(fixed, labels)
-    _sync(device)
-    model_only = steps * batch / (time.perf_counter() - start)
 
-    batches = row_batches(len(split), batch, steps, seed=1)
-    start = time.perf_counter()
-    with DeviceBatches(split, batches, device=device,
-                       channels_last=speed.channels_last) as prefetched:
-        for inputs, targets in prefetched:
-            step(inputs, targets)
-    _sync(device)
-    end_to_end = steps * batch / (time.perf_counter() - start)
-    return end_to_end, model_only
+    def model_only() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(fixed, labels)
+        _sync(device)
+        return steps * batch / (time.perf_counter() - start)
+
+    def end_to_end() -> float:
+        batches = row_batches(len(split), batch, steps, seed=1)
+        start = time.perf_counter()
+        with DeviceBatches(split, batches, device=device,
+                           channels_last=speed.channels_last) as prefetched:
+            for inputs, targets in prefetched:
+                step(inputs, targets)
+        _sync(device)
+        return steps * batch / (time.perf_counter() - start)
+
+    for _ in range(3):  # warm-up: kernel selection, allocator
+        step(fixed, labels)
+    # Model-only before and after: a drift in the machine's speed (other jobs) cancels out.
+    before, through, after = model_only(), end_to_end(), model_only()
+    return through, (before + after) / 2
 
 
 def default_speed(device: torch.device) -> Speedups:
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = max(4 * args.batch, 256)
             split = synthetic_split(resolution, modalities, rows)
             if "host" not in skip:
+                host_rate(split, args.batch, 4, 1, pin)  # warm-up: first touches, pinned pool
                 for workers in sorted({1, args.workers}):
                     rate = host_rate(split, args.batch, args.batches, workers, pin)
                     print(f"host   {resolution:4d} px  {name:<9}  batch {args.batch}  "
