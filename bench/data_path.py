@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolutions", default="64,128,224,380",
                         help="comma-separated sizes in px for the host and stub lines")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=40, help="batches timed per host line")
+    parser.add_argument("--batches", type=int, default=150, help="batches timed per host line")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="N of the N-worker host lines (default: the usable CPUs)")
     parser.add_argument("--stub-batches", type=int, default=40)
