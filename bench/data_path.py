@@ -86,8 +86,8 @@ def stub_share(split: Split, batch: int, count: int, device: torch.device) -> tu
     start = time.perf_counter()
     with DeviceBatches(split, batches, device=device, channels_last=True) as prefetched:
         for inputs, _labels in prefetched:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the batch really is there
+            if device.type == "cuda":  # the batch really is there (not the next ones)
+                torch.cuda.current_stream(device).synchronize()
             time.sleep(pause)  # the stub: busy elsewhere, not on this CPU
             del inputs
     seconds = time.perf_counter() - start

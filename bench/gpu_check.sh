@@ -34,10 +34,12 @@ if [[ "$short" == 1 ]]; then
     ratio_args=(--ratio-resolution 32 --ratio-steps 2 --batch 8)
     throughput_args=(--backbones b0 --resolutions 32 --steps 1 --batch-size 8 --warmup 1)
     resolution=32 epochs=1 backbones='["b0"]' fusions='["none"]'
+    limit=(150 150 200)  # seconds per part: a shared CPU is slow
 else
     ratio_args=(--ratio-resolution 224 --ratio-steps 40 --batch 64)
     throughput_args=(--backbones b0,b3 --resolutions 224,300 --steps 10 --batch-size 64 --warmup 2)
     resolution=128 epochs=8 backbones='["b0"]' fusions='["none", "early", "late"]'
+    limit=(60 60 110)  # seconds per part: the whole check stays under 4 minutes
 fi
 
 work=$(mktemp -d)
@@ -54,10 +56,10 @@ print(f"gpu_check: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}, 
 EOF
 
 echo "== 1. end-to-end / model-only, b0, AMP where the device has it, channels_last"
-timeout 90 "$PYTHON" -m bench.data_path --skip host,stub "${ratio_args[@]}"
+timeout "${limit[0]}" "$PYTHON" -m bench.data_path --skip host,stub "${ratio_args[@]}"
 
 echo "== 2. training images/s, channels_last + autocast"
-timeout 90 "$PYTHON" -m bench.train_throughput "${throughput_args[@]}" \
+timeout "${limit[1]}" "$PYTHON" -m bench.train_throughput "${throughput_args[@]}" \
     --implementations torchvision --variants channels_last+autocast | tail -n 8
 
 echo "== 3. a 3-trial search at ${resolution} px on the demo set"
@@ -97,6 +99,6 @@ balance = "class_weights"
 EOF
 start=$SECONDS
 cd "$work"  # its runs/ folder (logs) lands in the temporary folder too
-timeout 150 "$PYTHON" -m search run --study check.toml
+timeout "${limit[2]}" "$PYTHON" -m search run --study check.toml
 "$PYTHON" -m search status --study check.toml --timing | tail -n 12
 echo "gpu_check: search took $((SECONDS - start)) s; done"
