@@ -99,6 +99,7 @@ balance = "class_weights"
 EOF
 start=$SECONDS
 cd "$work"  # its runs/ folder (logs) lands in the temporary folder too
-timeout "${limit[2]}" "$PYTHON" -m search run --study check.toml
+# SIGINT: `search run` stops its workers on Ctrl-C; a plain TERM would orphan them.
+timeout -s INT -k 30 "${limit[2]}" "$PYTHON" -m search run --study check.toml
 "$PYTHON" -m search status --study check.toml --timing | tail -n 12
 echo "gpu_check: search took $((SECONDS - start)) s; done"
