@@ -10,7 +10,7 @@ The consumer stops the producer whatever ends the loop: the last batch, a ``brea
 (early stopping), an exception (``optuna.TrialPruned``, ``KeyboardInterrupt``). An error
 in the producer is raised again in the consumer. Use it as a context manager::
 
-    with device_batches(split, row_batches, device=device, channels_last=True) as batches:
+    with DeviceBatches(split, row_batches, device=device, channels_last=True) as batches:
         for inputs, labels in batches:
             ...
 """
@@ -184,9 +184,3 @@ class DeviceBatches:
     def __exit__(self, *exc_info: object) -> None:
         self._prefetcher.__exit__(*exc_info)
 
-
-def device_batches(split: Split, row_batches: Iterable[np.ndarray], *, device: torch.device,
-                   channels_last: bool, depth: int = DEPTH) -> DeviceBatches:
-    """See :class:`DeviceBatches`; a context manager that stops its thread on exit."""
-    return DeviceBatches(split, row_batches, device=device, channels_last=channels_last,
-                         depth=depth)
