@@ -1,17 +1,22 @@
-"""Flips and quarter turns drawn afresh for every training batch, on the cached arrays.
+"""Flips and quarter turns drawn afresh for every training batch, as tensor ops on the device.
 
 Augmentor generates the oversampled copies once (:mod:`augment.balance`); these three ops
-only permute pixels, so they can also run on every batch of the cached ``uint8`` arrays at
-almost no cost. Without them a class-weighted trial would see each training image in the
-same pose every epoch. Every image modality of a sample gets the same draw, so a depth map
+only permute pixels, so they can also run on every batch. Without them a class-weighted
+trial would see each training image in the same pose every epoch. They run on the batch
+after it reaches the device (the GPU, where they cost next to nothing), so the host only
+gathers ``uint8`` rows. Every image modality of a sample gets the same draw, so a depth map
 stays aligned with its RGB image.
+
+The draws come from a CPU ``torch.Generator``: the same seed gives the same poses on any
+device, and the host knows each mask without waiting for the device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-import numpy as np
+import torch
 
 ONLINE_OPS = ("flip_left_right", "flip_top_bottom", "rotate90")
 
@@ -21,35 +26,87 @@ def online_ops(ops: Iterable[str]) -> tuple[str, ...]:
     return tuple(op for op in ops if op in ONLINE_OPS)
 
 
-def flip_batch(images: Mapping[str, np.ndarray], ops: Iterable[str],
-               rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Flip and turn each sample of a batch at random, identically in every modality.
+@dataclass(frozen=True)
+class Poses:
+    """One batch's draws: flip left-right (p = 1/2), flip top-bottom (p = 1/2), then turn by
+    ``turns`` quarter turns (0-3, uniform), in that order. CPU tensors of length N."""
 
-    Args:
-        images: Modality -> ``[N, H, W, C]`` array of one batch; not modified.
-        ops: Names from :data:`ONLINE_OPS`: each flip happens with probability 1/2,
-            ``rotate90`` turns by 0, 90, 180 or 270 degrees (square images only).
-        rng: The draws; the same generator state gives the same batch.
+    left_right: torch.Tensor
+    top_bottom: torch.Tensor
+    turns: torch.Tensor
 
-    Returns:
-        Modality -> new array of the input's shape.
-    """
+
+def draw_poses(n: int, ops: Iterable[str], generator: torch.Generator) -> Poses:
+    """Draw the poses of ``n`` samples for ``ops`` (names from :data:`ONLINE_OPS`)."""
     ops = set(ops)
     unknown = ops - set(ONLINE_OPS)
     if unknown:
         raise ValueError(f"not a per-batch op: {sorted(unknown)}; allowed: {list(ONLINE_OPS)}")
-    n = len(next(iter(images.values())))
-    left_right = rng.random(n) < 0.5 if "flip_left_right" in ops else np.zeros(n, bool)
-    top_bottom = rng.random(n) < 0.5 if "flip_top_bottom" in ops else np.zeros(n, bool)
-    turns = rng.integers(0, 4, n) if "rotate90" in ops else np.zeros(n, int)
-    out = {}
-    for name, batch in images.items():
-        if turns.any() and batch.shape[1] != batch.shape[2]:
-            raise ValueError(f"rotate90 per batch needs square images ({name}: {batch.shape})")
-        batch = np.array(batch)  # a copy: the input may be a read-only memory map
-        batch[left_right] = batch[left_right, :, ::-1]
-        batch[top_bottom] = batch[top_bottom, ::-1]
-        for k in (1, 2, 3):
-            batch[turns == k] = np.rot90(batch[turns == k], k, axes=(1, 2))
-        out[name] = batch
+    never = torch.zeros(n, dtype=torch.bool)
+    left_right = (torch.rand(n, generator=generator) < 0.5
+                  if "flip_left_right" in ops else never)
+    top_bottom = (torch.rand(n, generator=generator) < 0.5
+                  if "flip_top_bottom" in ops else never)
+    turns = (torch.randint(0, 4, (n,), generator=generator)
+             if "rotate90" in ops else torch.zeros(n, dtype=torch.int64))
+    return Poses(left_right, top_bottom, turns)
+
+
+def apply_poses(batch: torch.Tensor, poses: Poses) -> torch.Tensor:
+    """Put each sample of ``[N, H, W, C]`` ``batch`` in its pose; a new tensor, same device.
+
+    The flips and turns are folded into at most one flip of each axis and one transpose per
+    sample (``rot90`` by k = flip columns if k is 1 or 2, flip rows if k is 2 or 3, then
+    transpose if k is odd), and each of the 8 resulting poses is applied to its samples as
+    one batched op: every pixel is moved once, whatever the ops.
+    """
+    k = poses.turns
+    flip_cols = poses.left_right ^ ((k == 1) | (k == 2))
+    flip_rows = poses.top_bottom ^ ((k == 2) | (k == 3))
+    transpose = k % 2 == 1
+    if bool(transpose.any()) and batch.shape[1] != batch.shape[2]:
+        raise ValueError(f"rotate90 per batch needs square images, got {tuple(batch.shape)}")
+    code = flip_cols.long() + 2 * flip_rows.long() + 4 * transpose.long()
+    if not bool(code.any()):
+        return batch.clone()
+    out = torch.empty_like(batch)
+    for pose in code.unique().tolist():
+        rows = (code == pose).nonzero().squeeze(1).to(batch.device, non_blocking=True)
+        part = _wide(batch)[rows].view(batch.dtype).view(-1, *batch.shape[1:])
+        dims = [d for d, on in ((2, pose & 1), (1, pose & 2)) if on]
+        if dims:
+            part = part.flip(dims)
+        if pose & 4:
+            part = part.transpose(1, 2)
+        _wide(out)[rows] = _wide(part.contiguous())
     return out
+
+
+def _wide(batch: torch.Tensor) -> torch.Tensor:
+    """``batch`` as one row of 8-byte words per sample where the size allows, else bytes.
+
+    Selecting whole samples moves the same memory either way; torch's CPU indexing kernels
+    go element by element, so 8-byte elements select ``uint8`` samples several times faster.
+    """
+    flat = batch.reshape(len(batch), -1)
+    if batch.dtype == torch.uint8 and flat.shape[1] % 8 == 0:
+        return flat.view(torch.int64)
+    return flat
+
+
+def flip_batch(images: Mapping[str, torch.Tensor], ops: Iterable[str],
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Flip and turn each sample of a batch at random, identically in every modality.
+
+    Args:
+        images: Modality -> ``[N, H, W, C]`` tensor of one batch, on any device; not modified.
+        ops: Names from :data:`ONLINE_OPS`: each flip happens with probability 1/2,
+            ``rotate90`` turns by 0, 90, 180 or 270 degrees (square images only).
+        generator: A CPU generator; the same state gives the same batch.
+
+    Returns:
+        Modality -> new tensor of the input's shape, on the input's device.
+    """
+    n = len(next(iter(images.values())))
+    poses = draw_poses(n, ops, generator)
+    return {name: apply_poses(batch, poses) for name, batch in images.items()}

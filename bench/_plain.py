@@ -59,14 +59,26 @@ class DiskSplit:
                                           seed=int(self._rng.integers(2**31)))
         return images
 
-    def batch(self, rows: np.ndarray, device: torch.device, channels_last: bool) -> dict:
-        """Same batch layout as :meth:`search.data.prepared.Split.batch`, from decoded files."""
+    def gather(self, rows: np.ndarray, *, pin: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`search.data.prepared.Split.gather`, the images decoded from their files."""
         base = self.base
         part = Split(base.labels[rows], self.images(rows),
                      None if base.numeric is None else base.numeric[rows],
                      None if base.tokens is None else base.tokens[rows],
                      rgb_mean=base.rgb_mean, rgb_std=base.rgb_std)
-        return part.batch(np.arange(len(rows)), device, channels_last)
+        return part.gather(np.arange(len(rows)), pin=pin)
+
+    def to_device(self, host: dict[str, torch.Tensor], device: torch.device,
+                  channels_last: bool, *, non_blocking: bool = False):
+        """:meth:`search.data.prepared.Split.to_device` (no per-batch flips: Augmentor ran)."""
+        # to_device reads only the names of the image modalities from the split.
+        names = Split(self.base.labels, dict.fromkeys(self.files), rgb_mean=self.base.rgb_mean,
+                      rgb_std=self.base.rgb_std)
+        return names.to_device(host, device, channels_last, non_blocking=non_blocking)
+
+    def batch(self, rows: np.ndarray, device: torch.device, channels_last: bool) -> dict:
+        """Same batch layout as :meth:`search.data.prepared.Split.batch`, from decoded files."""
+        return self.to_device(self.gather(rows), device, channels_last)[0]
 
     def _decode(self, path: Path, modality: str) -> np.ndarray:
         try:

@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import torch
 
 DEFAULT_OPS = "flip_left_right,flip_top_bottom,rotate90,random_distortion"
 PER_OP_ROWS = 200
@@ -69,10 +70,11 @@ def per_op_rates(augment: ModuleType, images: dict, ops: list[str]) -> None:
 
 
 def flip_batch_cost(augment: ModuleType, resolution: int, repeats: int = 200) -> None:
-    """Print what the per-batch flips and turns (``augment.online``) cost a batch of 32."""
+    """Print what the per-batch flips and turns (``augment.online``) cost 32 images on the CPU."""
     images, _ = synthesise([32], resolution)
-    rng = np.random.default_rng(0)
-    _, seconds = timed(lambda: [augment.flip_batch(images, augment.ONLINE_OPS, rng)
+    images = {name: torch.from_numpy(array) for name, array in images.items()}
+    generator = torch.Generator().manual_seed(0)
+    _, seconds = timed(lambda: [augment.flip_batch(images, augment.ONLINE_OPS, generator)
                                 for _ in range(repeats)])
     print(f"per-batch flips and quarter turns (augment.flip_batch), batch of 32 rgb + depth: "
           f"{seconds / repeats * 1e3:.2f} ms")

@@ -43,8 +43,12 @@ class Split:
     """One split as arrays ready to batch: uint8 images, standardised numeric, token ids.
 
     A training split may carry ``flip_ops`` (see :mod:`augment.online`): every batch then
-    gets fresh random flips and quarter turns, drawn from ``rng``. RGB is normalized with
-    ``rgb_mean`` and ``rgb_std`` (the trial's backbone's, see :meth:`PreparedData.split`).
+    gets fresh random flips and quarter turns on the device, drawn from ``generator``.
+    A batch is made in two halves so a background thread can do the first while the
+    device trains (:mod:`search.trial.prefetch`): :meth:`gather` (host: copy the rows) and
+    :meth:`to_device` (copy over, augment, normalise).
+    RGB is normalized with ``rgb_mean`` and ``rgb_std`` (the trial's backbone's, see
+    :meth:`PreparedData.split`).
     """
 
     labels: np.ndarray
@@ -52,37 +56,54 @@ class Split:
     numeric: np.ndarray | None = None
     tokens: np.ndarray | None = None
     flip_ops: tuple[str, ...] = ()
-    rng: np.random.Generator | None = None
+    generator: torch.Generator | None = None
     rgb_mean: tuple[float, ...] = RGB_MEAN
     rgb_std: tuple[float, ...] = RGB_STD
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, rows: np.ndarray, device: torch.device, channels_last: bool) -> dict:
-        """Gather ``rows`` into a model batch (dict of tensors keyed by modality)."""
+    def gather(self, rows: np.ndarray, *, pin: bool = False) -> dict[str, torch.Tensor]:
+        """The rows as CPU tensors: uint8 images by modality, ``numeric``, ``text``, ``labels``.
+
+        ``pin`` puts them in page-locked memory, which a CUDA copy can overlap with compute.
+        """
+        host = {modality: torch.from_numpy(array[rows]) for modality, array in self.images.items()}
+        if self.numeric is not None:
+            host["numeric"] = torch.from_numpy(self.numeric[rows])
+        if self.tokens is not None:
+            host["text"] = torch.from_numpy(self.tokens[rows])
+        host["labels"] = torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64))
+        return {key: value.pin_memory() for key, value in host.items()} if pin else host
+
+    def to_device(self, host: dict[str, torch.Tensor], device: torch.device, channels_last: bool,
+                  *, non_blocking: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A gathered batch on ``device``: (model batch keyed by modality, labels)."""
         memory = torch.channels_last if channels_last else torch.contiguous_format
-        batch: dict[str, torch.Tensor] = {}
-        images = {modality: array[rows] for modality, array in self.images.items()}
+        moved = {key: value.to(device, non_blocking=non_blocking) for key, value in host.items()}
+        images = {modality: moved[modality] for modality in self.images}
         if self.flip_ops:
-            images = augment.flip_batch(images, self.flip_ops, self.rng)
-        for modality, array in images.items():
-            pixels = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+            images = augment.flip_batch(images, self.flip_ops, self.generator)
+        batch = {}
+        for modality, pixels in images.items():
             # The same float32 operations as search.data.decode.normalize_pixels (predict's).
+            # [N, H, W, C] permuted is already channels_last in memory; in-place ops keep it.
             pixels = pixels.permute(0, 3, 1, 2).float().div_(1 / PIXEL_SCALE)
             batch[modality] = self._normalize(modality, pixels).contiguous(memory_format=memory)
-        if self.numeric is not None:
-            batch["numeric"] = torch.from_numpy(self.numeric[rows]).to(device)
-        if self.tokens is not None:
-            batch["text"] = torch.from_numpy(self.tokens[rows]).to(device)
-        return batch
+        batch.update((key, moved[key]) for key in ("numeric", "text") if key in moved)
+        return batch, moved["labels"]
+
+    def batch(self, rows: np.ndarray, device: torch.device, channels_last: bool) -> dict:
+        """Gather ``rows`` into a model batch (dict of tensors keyed by modality)."""
+        return self.to_device(self.gather(rows), device, channels_last)[0]
 
     def _normalize(self, modality: str, pixels: torch.Tensor) -> torch.Tensor:
+        """In place: the same elementwise float32 results as ``(x - mean) / std``."""
         if modality == "depth":
-            return (pixels - DEPTH_MEAN) / DEPTH_STD
+            return pixels.sub_(DEPTH_MEAN).div_(DEPTH_STD)
         mean = torch.tensor(self.rgb_mean, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(self.rgb_std, device=pixels.device).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+        return pixels.sub_(mean).div_(std)
 
 
 @dataclass
@@ -138,7 +159,7 @@ class PreparedData:
         split.images = {m: balanced[f"image_{m}"] for m in train.images}
         if self.config.augment.online:
             split.flip_ops = augment.online_ops(self.config.augment.ops)
-            split.rng = np.random.default_rng(seed)
+            split.generator = torch.Generator().manual_seed(seed)
         return split, None if weights is None else np.array(weights)  # writable copy for torch
 
     def _balanced(self, strategy: str) -> dict[str, np.ndarray]:

@@ -20,6 +20,10 @@ from torch import nn
 
 from search.config import TrainConfig
 from search.data.prepared import Split
+from search.trial.prefetch import DeviceBatches
+
+CLIP_NORM = 5.0
+"""Gradients are clipped to this global norm: one bad batch cannot wreck a trial."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,36 @@ def _autocast(device: torch.device, speed: Speedups):
     return torch.autocast(device.type, dtype=speed.autocast_dtype)
 
 
+def make_scaler(device: torch.device, speed: Speedups) -> torch.amp.GradScaler:
+    """A loss scaler, on for fp16 autocast only (GPUs without bf16: T4, V100).
+
+    fp16 has bf16's precision but not its range: small gradients underflow to zero unless
+    the loss is scaled up first. bf16 and fp32 need no scaling (the scaler then passes
+    everything through).
+    """
+    return torch.amp.GradScaler(device.type, enabled=speed.autocast_dtype == torch.float16)
+
+
+def train_step(model: nn.Module, inputs: dict, targets: torch.Tensor, *, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               device: torch.device, speed: Speedups) -> torch.Tensor:
+    """One optimisation step; returns the (unscaled) loss.
+
+    Gradients are unscaled before clipping, so the clip norm means the same with and
+    without fp16. With fp16, a step whose gradients hold inf/NaN is skipped and the scale
+    lowered (``GradScaler.step``/``update``).
+    """
+    with _autocast(device, speed):
+        loss = loss_fn(model(inputs).float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train(
     model: nn.Module,
     train_split: Split,
@@ -225,6 +259,10 @@ def train(
     ends on an annealed model).
     """
     model.to(device)
+    if device.type == "cuda":
+        # Every training batch but an epoch's last has one shape: let cuDNN pick its fastest
+        # convolution algorithms once and reuse them.
+        torch.backends.cudnn.benchmark = True
     if speed.channels_last:
         model.to(memory_format=torch.channels_last)
     generator = np.random.default_rng(seed)
@@ -236,6 +274,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     weight = None if class_weights is None else torch.as_tensor(class_weights, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
+    scaler = make_scaler(device, speed)
 
     history: list[float] = []
     best, best_epoch, best_state = None, -1, {}
@@ -245,6 +284,8 @@ def train(
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if "scaler" in resume:
+            scaler.load_state_dict(resume["scaler"])
         history, best_epoch = resume["history"], resume["best_epoch"]
         best_state = resume["best_state"]
         generator = np.random.default_rng([seed, len(history)])
@@ -261,24 +302,23 @@ def train(
         model.train()
         freeze_backbones(model, epoch < params.freeze_epochs)  # head-only epochs first
         order = generator.permutation(len(train_split))
-        for start in range(0, len(order), params.batch_size):
-            rows = order[start:start + params.batch_size]
-            if len(rows) < 2:  # batch norm cannot train on a single sample
-                continue
+        # Batch norm cannot train on a single sample: a last batch of one is dropped.
+        row_batches = [rows for start in range(0, len(order), params.batch_size)
+                       if len(rows := order[start:start + params.batch_size]) >= 2]
+        # The next batches are gathered, copied and augmented in a background thread while
+        # this one trains; leaving the block (pruning, Ctrl-C, an error) stops that thread.
+        with DeviceBatches(train_split, row_batches, device=device,
+                           channels_last=speed.channels_last) as batches:
             tick = time.perf_counter()
-            batch = train_split.batch(rows, device, speed.channels_last)
-            targets = torch.from_numpy(train_split.labels[rows]).to(device)
-            timing["data_s"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            with _autocast(device, speed):
-                loss = loss_fn(model(batch).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            scheduler.step()
-            timing["train_s"] += time.perf_counter() - tick
-            images_seen += len(rows)
+            for inputs, targets in batches:
+                timing["data_s"] += time.perf_counter() - tick  # waiting on the producer
+                tick = time.perf_counter()
+                train_step(model, inputs, targets, loss_fn=loss_fn, optimizer=optimizer,
+                           scaler=scaler, device=device, speed=speed)
+                scheduler.step()
+                timing["train_s"] += time.perf_counter() - tick
+                images_seen += len(targets)
+                tick = time.perf_counter()
 
         tick = time.perf_counter()
         current = evaluate(model, val_split, device=device, speed=speed, num_classes=num_classes)
@@ -297,7 +337,8 @@ def train(
         on_epoch(epoch, current.macro_f1)
         if save_resume is not None and epoch < last_epoch:
             save_resume({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "history": history,
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "history": history,
                          "best_epoch": best_epoch, "best_state": best_state,
                          "last_epoch": last_epoch})
         if epoch >= last_epoch:
