@@ -250,6 +250,10 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("backbone_lr_scale", float, 1.0, Categorical((1.0,)), bounds=(0.0, 10.0),
                    strict_low=True,
                    doc="backbone_lr_scale = [0.1, 1.0] (backbone lr / head lr)"),
+    # An exponential moving average of the weights (search/trial/train.py) is what gets
+    # validated, kept and exported; 0 keeps the raw weights.
+    Hyperparameter("ema_decay", float, 0.0, Categorical((0.0,)), bounds=(0.0, 0.9999),
+                   doc="ema_decay = [0.0, 0.999] (average of the weights; 0: off)"),
 )
 BY_NAME = {h.name: h for h in HYPERPARAMETERS}
 

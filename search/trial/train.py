@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from search.config import TrainConfig
 from search.data.prepared import Split
@@ -43,6 +44,7 @@ class TrialParams:
     late_rule: str = "mean"
     freeze_epochs: int = 0
     backbone_lr_scale: float = 1.0
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -234,6 +236,23 @@ def train_step(model: nn.Module, inputs: dict, targets: torch.Tensor, *, loss_fn
     return loss.detach()
 
 
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and batch-norm buffers, or None.
+
+    torch's ``AveragedModel`` keeps the copy; the decay warms up as ``(1 + n) / (10 + n)``
+    (timm's ModelEmaV2 schedule), because a trial is a few hundred steps long and a fixed
+    0.999 would leave the average near the initial weights for most of it.
+    """
+    if decay <= 0:
+        return None
+
+    def average(kept: torch.Tensor, current: torch.Tensor, count: torch.Tensor | int):
+        rate = min(decay, (1 + int(count)) / (10 + int(count)))
+        return kept + (current - kept) * (1 - rate)
+
+    return AveragedModel(model, avg_fn=average, use_buffers=True)
+
+
 def train(
     model: nn.Module,
     train_split: Split,
@@ -275,6 +294,8 @@ def train(
     weight = None if class_weights is None else torch.as_tensor(class_weights, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
     scaler = make_scaler(device, speed)
+    ema = make_ema(model, params.ema_decay)
+    scored = model if ema is None else ema.module  # what is validated, kept and exported
 
     history: list[float] = []
     best, best_epoch, best_state = None, -1, {}
@@ -286,6 +307,8 @@ def train(
         scheduler.load_state_dict(resume["scheduler"])
         if "scaler" in resume:
             scaler.load_state_dict(resume["scaler"])
+        if ema is not None and "ema" in resume:
+            ema.load_state_dict(resume["ema"])
         history, best_epoch = resume["history"], resume["best_epoch"]
         best_state = resume["best_state"]
         generator = np.random.default_rng([seed, len(history)])
@@ -316,17 +339,20 @@ def train(
                 train_step(model, inputs, targets, loss_fn=loss_fn, optimizer=optimizer,
                            scaler=scaler, device=device, speed=speed)
                 scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 timing["train_s"] += time.perf_counter() - tick
                 images_seen += len(targets)
                 tick = time.perf_counter()
 
         tick = time.perf_counter()
-        current = evaluate(model, val_split, device=device, speed=speed, num_classes=num_classes)
+        current = evaluate(scored, val_split, device=device, speed=speed, num_classes=num_classes)
         timing["val_s"] += time.perf_counter() - tick
         history.append(current.macro_f1)
         if current.macro_f1 > best_f1:
             best, best_f1, best_epoch = current, current.macro_f1, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True)
+                          for k, v in scored.state_dict().items()}
         if smoothed(history) > best_smooth:
             best_smooth, smooth_epoch = smoothed(history), epoch
         elif (epoch - smooth_epoch >= settings.patience and schedule.anneal_from is None
@@ -338,6 +364,7 @@ def train(
         if save_resume is not None and epoch < last_epoch:
             save_resume({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         **({} if ema is None else {"ema": ema.state_dict()}),
                          "history": history,
                          "best_epoch": best_epoch, "best_state": best_state,
                          "last_epoch": last_epoch})
