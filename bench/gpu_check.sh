@@ -89,6 +89,7 @@ resolution = $resolution
 device = "auto"
 workers = 1
 implementation = "torchvision"
+pretrained = "none"  # it measures speed; a GPU machine may have no internet for the weights
 
 [space]
 backbone = $backbones
