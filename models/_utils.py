@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar, cast
+
 import torch
 from torch import nn
 
 from models._spec import ModelSpec
 from models.backbones import Backbone
+
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
 
 __all__ = [
     "PositionalInputs",
@@ -16,7 +21,7 @@ __all__ = [
 ]
 
 
-def prepare_for_export(model: nn.Module) -> nn.Module:
+def prepare_for_export(model: _ModuleT) -> _ModuleT:
     """Make a model exportable to ONNX, in place, and return it.
 
     Switches efficientnet-pytorch's memory-efficient Swish (a custom autograd.Function) to its
@@ -43,7 +48,9 @@ class PositionalInputs(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.input_names = tuple(model.input_names)
+        # Any module with ``input_names`` (a fusion model, the search's ensemble); nn.Module's
+        # __getattr__ types every attribute as Tensor | Module.
+        self.input_names = tuple(cast("Sequence[str]", model.input_names))
         # A new Module is in training mode; exporters restore the wrapper's mode afterwards,
         # which would silently switch a prepared (eval) model back to training.
         self.train(model.training)
@@ -67,6 +74,7 @@ def example_inputs(
     if "depth" in spec.input_names:
         batch["depth"] = torch.randn((batch_size, 1, *size[2:]), generator=gen)
     if "numeric" in spec.input_names:
+        assert spec.numeric_dim is not None  # ModelSpec requires it for numeric
         batch["numeric"] = torch.randn((batch_size, spec.numeric_dim), generator=gen)
     if "text" in spec.input_names:
         ids = torch.randint(1, spec.text_buckets, (batch_size, spec.text_length), generator=gen)

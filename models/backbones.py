@@ -91,7 +91,9 @@ class Backbone(nn.Module):
     @property
     def stem(self) -> nn.Conv2d:
         """The first convolution, the one that sees the input channels."""
-        return self.net.get_submodule(self.stem_key)
+        stem = self.net.get_submodule(self.stem_key)
+        assert isinstance(stem, nn.Conv2d), type(stem)  # every implementation's stem is one
+        return stem
 
     def set_swish(self, memory_efficient: bool) -> None:
         """Choose the Swish implementation; only efficientnet-pytorch has a choice."""
@@ -130,6 +132,7 @@ class Backbone(nn.Module):
 
 
 class _LukemelasBackbone(Backbone):
+    net: EfficientNet
     implementation = "efficientnet-pytorch"
     stem_key = "_conv_stem"
     classifier_prefixes = ("_fc.",)
@@ -143,6 +146,7 @@ class _LukemelasBackbone(Backbone):
 
 
 class _LiteBackbone(_LukemelasBackbone):
+    net: LiteEfficientNet
     implementation = LITE_IMPLEMENTATION
 
     def set_swish(self, memory_efficient: bool) -> None:
@@ -152,6 +156,7 @@ class _LiteBackbone(_LukemelasBackbone):
 
 
 class _TorchvisionBackbone(Backbone):
+    net: tv_models.EfficientNet
     implementation = "torchvision"
     stem_key = "features.0.0"
     classifier_prefixes = ("classifier.",)

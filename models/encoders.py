@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from models.backbones import create_backbone
+from models.backbones import Backbone, create_backbone
 
 if TYPE_CHECKING:
     from models._spec import ModelSpec
@@ -70,7 +70,7 @@ class TextEncoder(nn.Module):
 
 def create_encoder(
     spec: ModelSpec, pretrained: Mapping[str, torch.Tensor] | None = None
-) -> nn.Module:
+) -> Backbone | NumericEncoder | TextEncoder:
     """Build the encoder of ``spec.modality``; it exposes ``num_features``.
 
     Args:
@@ -88,6 +88,7 @@ def create_encoder(
             pretrained=pretrained if same_size else None,
         )
     if spec.modality == "numeric":
+        assert spec.numeric_dim is not None  # ModelSpec requires it for numeric
         return NumericEncoder(spec.numeric_dim, spec.hidden_dim, spec.dropout)
     if spec.modality == "text":
         return TextEncoder(spec.text_buckets, spec.text_dim, spec.dropout)

@@ -70,8 +70,9 @@ class Range:
                 and not isinstance(self.step, float))
 
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
-        if self.is_integer:
-            return trial.suggest_int(name, self.low, self.high, log=self.log, step=self.step or 1)
+        if self.is_integer:  # then low, high and step are ints; int() only tells mypy so
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
         return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
 
     def values(self) -> tuple[Any, ...]:
@@ -298,13 +299,13 @@ class _SpaceBase(BaseModel):
             if second_modality is not None and second_modality not in accepted:
                 raise ValueError(
                     f"space.fusion: {fusion!r} cannot use modality {second_modality!r} "
-                    f"(it accepts {sorted(accepted)})"
+                    f"(it accepts {sorted(m for m in accepted if m is not None)})"
                 )
 
 
-_SpaceFields: Any = create_model(
-    "_SpaceFields", __base__=_SpaceBase,
-    **{h.name: (Param | None, h.space) for h in HYPERPARAMETERS})
+# Typed Any: pydantic's create_model overloads cannot see that (type, default) pairs fit.
+_FIELDS: dict[str, Any] = {h.name: (Param | None, h.space) for h in HYPERPARAMETERS}
+_SpaceFields: Any = create_model("_SpaceFields", __base__=_SpaceBase, **_FIELDS)
 
 
 class SearchSpace(_SpaceFields):

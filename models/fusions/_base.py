@@ -33,7 +33,11 @@ class FusionModel(nn.Module, abc.ABC):
     name: ClassVar[str]
     accepts: ClassVar[frozenset[str | None]]
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, pretrained: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        # Every fusion is built as ``cls(spec, pretrained=...)`` (models.create_model); the
+        # subclasses load ``pretrained`` into the backbones they create.
         super().__init__()
         self.spec = spec
         self.num_classes = spec.num_classes

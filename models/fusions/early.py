@@ -31,7 +31,11 @@ class EarlyFusion(FusionModel):
         self, spec: ModelSpec, *, pretrained: Mapping[str, torch.Tensor] | None = None
     ) -> None:
         super().__init__(spec)
+        # register_fusion's accepts has no None: this fusion always has a second modality.
+        assert spec.modality is not None
+        self.modality = spec.modality
         extra = 1 if spec.modality == "depth" else spec.numeric_dim
+        assert extra is not None  # ModelSpec requires numeric_dim for numeric
         self.backbone = create_backbone(
             spec.backbone,
             implementation=spec.implementation,
@@ -44,8 +48,8 @@ class EarlyFusion(FusionModel):
 
     def forward_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         rgb = self._take(batch, "rgb")
-        second = self._take(batch, self.spec.modality)
-        if self.spec.modality == "numeric":
+        second = self._take(batch, self.modality)
+        if self.modality == "numeric":
             second = second[:, :, None, None].expand(-1, -1, rgb.shape[2], rgb.shape[3])
         # Under autocast the two inputs may differ in dtype; the conv casts the result anyway.
         return self.backbone(torch.cat([rgb, second.to(rgb.dtype)], dim=1))
@@ -54,4 +58,4 @@ class EarlyFusion(FusionModel):
         return self.head(features)
 
     def encoders(self) -> dict[str, nn.Module]:
-        return {"rgb": self.backbone, self.spec.modality: self.backbone}
+        return {"rgb": self.backbone, self.modality: self.backbone}

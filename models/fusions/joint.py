@@ -31,6 +31,9 @@ class JointFusion(FusionModel):
         self, spec: ModelSpec, *, pretrained: Mapping[str, torch.Tensor] | None = None
     ) -> None:
         super().__init__(spec)
+        # register_fusion's accepts has no None: this fusion always has a second modality.
+        assert spec.modality is not None
+        self.modality = spec.modality
         self.backbone = create_backbone(
             spec.backbone,
             implementation=spec.implementation,
@@ -49,7 +52,7 @@ class JointFusion(FusionModel):
 
     def forward_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         rgb = self.backbone(self._take(batch, "rgb"))
-        second = self.encoder(self._take(batch, self.spec.modality))
+        second = self.encoder(self._take(batch, self.modality))
         # Under autocast the encoders may return different dtypes (e.g. an embedding stays fp32).
         return torch.cat([rgb, second.to(rgb.dtype)], dim=1)
 
@@ -57,4 +60,4 @@ class JointFusion(FusionModel):
         return self.head(features)
 
     def encoders(self) -> dict[str, nn.Module]:
-        return {"rgb": self.backbone, self.spec.modality: self.encoder}
+        return {"rgb": self.backbone, self.modality: self.encoder}

@@ -95,6 +95,9 @@ class LateFusion(FusionModel):
         self, spec: ModelSpec, *, pretrained: Mapping[str, torch.Tensor] | None = None
     ) -> None:
         super().__init__(spec)
+        # register_fusion's accepts has no None: this fusion always has a second modality.
+        assert spec.modality is not None
+        self.modality = spec.modality
         self.backbone = create_backbone(
             spec.backbone,
             implementation=spec.implementation,
@@ -110,7 +113,7 @@ class LateFusion(FusionModel):
 
     def forward_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         rgb = self.backbone(self._take(batch, "rgb"))
-        second = self.encoder(self._take(batch, self.spec.modality))
+        second = self.encoder(self._take(batch, self.modality))
         return torch.cat([rgb, second.to(rgb.dtype)], dim=1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -122,4 +125,4 @@ class LateFusion(FusionModel):
         return torch.log(combined.clamp_min(_MIN_PROB))
 
     def encoders(self) -> dict[str, nn.Module]:
-        return {"rgb": self.backbone, self.spec.modality: self.encoder}
+        return {"rgb": self.backbone, self.modality: self.encoder}

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import optuna
@@ -56,7 +57,13 @@ class EnsembleModel(nn.Module):
     data decides them, so all members agree on them).
     """
 
-    def __init__(self, members: Sequence[nn.Module], rgb_norms: Sequence[dict],
+    # Buffers, declared so that they type as tensors rather than nn.Module's Tensor | Module.
+    rgb_mean: torch.Tensor
+    rgb_std: torch.Tensor
+    weights: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(self, members: Sequence[models.FusionModel], rgb_norms: Sequence[dict],
                  weights: Sequence[float], bias: Sequence[float] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
@@ -99,7 +106,7 @@ def pick_members(study: optuna.Study, size: int, *,
     """The ``size`` best COMPLETE trials; ``diverse``: at most one per (backbone, fusion)."""
     complete = sorted((t for t in study.get_trials(deepcopy=False)
                        if t.state == TrialState.COMPLETE and t.value is not None),
-                      key=lambda t: -t.value)
+                      key=lambda t: -cast(float, t.value))  # None filtered out above
     picked, seen = [], set()
     for trial in complete:
         kind = (trial.params.get("backbone"), trial.params.get("fusion"))

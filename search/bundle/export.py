@@ -17,6 +17,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -28,7 +29,6 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from safetensors.torch import save_file
-from torch import nn
 
 import models
 from search.bundle.files import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, ONNX_FILE, WEIGHTS_FILE
@@ -41,6 +41,9 @@ from search.study.open import open_study, study_artifacts_dir
 from search.study.storage import redact
 from search.trial.artifacts import CHECKPOINT, load_checkpoint
 from search.trial.train import Evaluation, Speedups, evaluate
+
+if TYPE_CHECKING:  # ensemble imports this module
+    from search.bundle.ensemble import EnsembleModel
 
 # onnxruntime and PyTorch may differ per logit by ONNX_ATOL + ONNX_RTOL x the largest |logit|:
 # float32 rounding grows with the logits (trained models reach hundreds; we saw 6e-7 of the
@@ -59,7 +62,7 @@ class TrialModel:
 
     trial: FrozenTrial
     spec: models.ModelSpec
-    model: nn.Module
+    model: models.FusionModel
     state_dict: dict[str, torch.Tensor]
     classes: list[str]
     preprocess: dict
@@ -151,7 +154,8 @@ def export_onnx(trained: TrialModel, path: Path) -> None:
     export_graph(trained.model, example, path)
 
 
-def export_graph(model: nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
+def export_graph(model: models.FusionModel | EnsembleModel, example: dict[str, torch.Tensor],
+                 path: Path) -> None:
     """Export a model that reads a dict batch (its ``input_names``) as an ONNX graph."""
     names = list(model.input_names)
     args = tuple(example[name] for name in names)
@@ -194,8 +198,8 @@ def check_onnx(trained: TrialModel, session: ort.InferenceSession, split: Split,
 
 
 @torch.no_grad()
-def compare_onnx(model: nn.Module, session: ort.InferenceSession, split: Split,
-                 batch_size: int = 64) -> OnnxCheck:
+def compare_onnx(model: models.FusionModel | EnsembleModel, session: ort.InferenceSession,
+                 split: Split, batch_size: int = 64) -> OnnxCheck:
     """Run ``model`` and the graph on every sample of ``split`` and compare the logits."""
     model.eval()
     diff = largest = 0.0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,7 +182,8 @@ def check_meta(meta: object, path: Path) -> None:
         raise BundleError(f"{path}: inputs must list {{name, modality, shape, dtype}} entries")
     unknown = set(modalities) - set(MODALITIES)
     if unknown:
-        raise BundleError(f"{path}: unknown input modality {sorted(unknown)[0]!r}")
+        # key=str: a JSON null modality must be reported, not make sorted() fail.
+        raise BundleError(f"{path}: unknown input modality {sorted(unknown, key=str)[0]!r}")
     resize = meta["preprocess"].get("resize")
     if isinstance(resize, dict) and resize.get("mode") not in RESIZE_MODES:
         raise BundleError(f"{path}: preprocess.resize.mode must be one of "
@@ -257,8 +258,10 @@ def image_samples(paths: list[Path], extra: ExtraInputs, bundle: Bundle) -> list
     numeric = ([parse_numeric(t, as_json=False) for t in extra.numeric]
                or [parse_numeric(t, as_json=True) for t in extra.numeric_json])
     flag = "--numeric-json" if extra.numeric_json else "--numeric"
-    given = {"depth": ("--depth", extra.depth), "numeric": (flag, numeric),
-             "text": ("--text", extra.text)}
+    given: dict[str, tuple[str, Sequence[object]]] = {
+        "depth": ("--depth", extra.depth), "numeric": (flag, numeric),
+        "text": ("--text", extra.text),
+    }
     for modality, (option, values) in given.items():
         if modality not in bundle.modalities and values:
             raise BundleError(f"the model takes no {modality} input (its inputs: "

@@ -27,12 +27,16 @@ class CheckSpec(Protocol):
     """The parts of the study's ``[data]`` table (``DataConfig``) the check reads."""
 
     root: Path
-    format: str
     modalities: list[str]
-    demo: str | None
     cache_dir: Path
     val_fraction: float
     test_fraction: float
+
+    # Read-only properties, so that DataConfig's Literal-typed fields satisfy them.
+    @property
+    def format(self) -> str: ...
+    @property
+    def demo(self) -> str | None: ...
 
 
 @dataclass(frozen=True)

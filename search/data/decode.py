@@ -166,10 +166,10 @@ def decode_image(path: Path, modality: str, resolution: int, *, resize: str = DE
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     mode = IMAGE_MODES[modality]
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as file:
             # JPEG only: let libjpeg decode at a reduced scale; far faster for big photos.
-            image.draft(mode, (resolution, resolution))
-            image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
+            file.draft(mode, (resolution, resolution))
+            image = ImageOps.exif_transpose(file)  # phone photos store rotation in EXIF
             if modality == "depth" and depth_range is not None:
                 values = _fit_square(_as_float(image), resolution, resize)
                 return scale_depth(np.asarray(values, np.float32), depth_range)[..., None]
@@ -192,8 +192,8 @@ def pixel_hash(path: Path) -> str:
         ImageError: the file is missing, or Pillow cannot decode it.
     """
     try:
-        with Image.open(path) as image:
-            image = _to_rgb(_top_8_bits(ImageOps.exif_transpose(image)))
+        with Image.open(path) as file:
+            image = _to_rgb(_top_8_bits(ImageOps.exif_transpose(file)))
             digest = hashlib.blake2b(f"{image.size}".encode(), digest_size=16)
             digest.update(image.tobytes())
             return digest.hexdigest()
@@ -287,8 +287,8 @@ def fit_depth_range(paths: Iterable[Path], resolution: int, resize: str = DEFAUL
     samples = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image)
+            with Image.open(path) as file:
+                image = ImageOps.exif_transpose(file)
                 values = np.asarray(_fit_square(_as_float(image), resolution, resize),
                                     np.float32).ravel()
         except Exception as exc:  # the cache's decoder names the file; here one line is enough

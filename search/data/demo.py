@@ -105,8 +105,12 @@ class DemoSpec(Protocol):
     """What :func:`ensure_demo` reads from the study's ``[data]`` table."""
 
     root: Path
-    format: str
-    demo: str | None
+
+    # Read-only properties, so that DataConfig's Literal-typed fields satisfy them.
+    @property
+    def format(self) -> str: ...
+    @property
+    def demo(self) -> str | None: ...
 
 
 @dataclass(frozen=True)

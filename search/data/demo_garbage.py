@@ -173,8 +173,8 @@ def photo(look: str, rng: np.random.Generator, size: int) -> np.ndarray:
     shadow = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     shadow.putalpha(layer.getchannel("A").point(lambda a: a * 0.4).filter(
         ImageFilter.GaussianBlur(size / 40)))
-    offset = tuple(int(v) for v in rng.integers(-2, 3, size=2))
-    picture.paste(shadow, offset, shadow)
+    dx, dy = (int(v) for v in rng.integers(-2, 3, size=2))
+    picture.paste(shadow, (dx, dy), shadow)
     picture.paste(layer, (0, 0), layer)
     noisy = np.asarray(picture, dtype=np.float32) * np.float32(rng.uniform(0.85, 1.12))
     noisy += rng.normal(0, 3.0, (size, size, 3)).astype(np.float32)

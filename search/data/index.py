@@ -41,10 +41,13 @@ class DataSpec(Protocol):
     """What :func:`load_index` reads from the study's ``[data]`` table (``DataConfig``)."""
 
     root: Path
-    format: str
     modalities: list[str]
     val_fraction: float
     test_fraction: float
+
+    # Read-only property, so that DataConfig's Literal-typed field satisfies it.
+    @property
+    def format(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,12 @@ class DatasetIndex:
 
 
 _Row = RawSample  # a sample as read, before numeric values are checked against each other
+
+
+def _label(row: _Row) -> str:
+    # Both readers below require the label (only `search predict` reads unlabelled rows).
+    assert row.label is not None, row.where
+    return row.label
 
 
 @dataclass
@@ -157,7 +166,7 @@ def load_index(data: DataSpec, *, seed: int) -> DatasetIndex:
         modalities=modalities,
         classes=classes,
         splits={
-            split: [Sample(r.id, r.label, r.rgb, r.depth, r.numeric, r.text) for r in rows]
+            split: [Sample(r.id, _label(r), r.rgb, r.depth, r.numeric, r.text) for r in rows]
             for split, rows in splits.items()
         },
         numeric_names=numeric_names,
@@ -248,7 +257,7 @@ def _check_classes(
     if train is None:
         expected = "train.csv" if fmt == "csv" else "train/rgb/<class>/<id>.png"
         raise DataError(f"no training split in {root}: expected {expected}")
-    classes = sorted({r.label for r in train})
+    classes = sorted({_label(r) for r in train})
     known = set(classes)
     if len(classes) < 2:
         raise DataError(
@@ -354,7 +363,7 @@ def holdout(rows: list[_Row], fraction: float, seed: int) -> tuple[list[_Row], l
 
 
 def _order(row: _Row) -> tuple[str, str, str]:
-    return row.label, row.id, str(row.rgb)
+    return _label(row), row.id, str(row.rgb)
 
 
 def _fill_splits(

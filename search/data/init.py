@@ -16,6 +16,7 @@ import statistics
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 from rich.console import Console
@@ -97,7 +98,7 @@ def survey_data(path: Path, *, seed: int = 0) -> Survey:
                         "test.csv if there); name the training CSV train.csv")
     if not root.is_dir():
         raise DataError(f"data folder not found: {path}")
-    fmt = "csv" if (root / "train.csv").is_file() else "folders"
+    fmt: Literal["csv", "folders"] = "csv" if (root / "train.csv").is_file() else "folders"
     present = [m for m in SECOND_MODALITIES if _has_modality(root, fmt, m)]
     modalities = ["rgb", *present[:1]]
     # The reader validates everything (and raises the errors `search data check` raises).
@@ -163,6 +164,7 @@ def choose_settings(survey: Survey, hardware: Hardware) -> Settings:
     why_res = (f"images' median short side {side} px; "
                + ("224 px is what the ImageNet backbones were trained at" if gpu
                   else "a 2-core CPU trains b0 at 102 img/s at 64 px, 50 at 128 (bench/README.md)"))
+    backbones: tuple[list[str], str]
     if gpu:
         backbones = ([b for b in ("b0", "b1", "b2") if b in models.list_backbones()],
                      "the smaller sizes fine-tuned on one GPU; add b3-b5 with a larger budget")

@@ -7,6 +7,7 @@ gathering rows into tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class Split:
         moved = {key: value.to(device, non_blocking=non_blocking) for key, value in host.items()}
         images = {modality: moved[modality] for modality in self.images}
         if self.flip_ops:
+            assert self.generator is not None, "a split with flip_ops carries its generator"
             images = augment.flip_batch(images, self.flip_ops, self.generator)
         batch = {}
         for modality, pixels in images.items():
@@ -124,13 +126,13 @@ class PreparedData:
     @cached_property
     def preprocess(self) -> Preprocess:
         train, settings = self.arrays["train"], self.config.train
-        images = {"resolution": settings.resolution, "resize": settings.resize,
-                  "depth_range": self.depth_range}
+        images = Preprocess(resolution=settings.resolution, resize=settings.resize,
+                            depth_range=self.depth_range)
         if train.numeric is None:
-            return Preprocess(**images)
+            return images
         std = train.numeric.std(axis=0)
-        return Preprocess(
-            **images,
+        return dataclasses.replace(
+            images,
             numeric_mean=tuple(float(v) for v in train.numeric.mean(axis=0)),
             numeric_std=tuple(float(v) for v in np.where(std > 0, std, 1.0)),
             numeric_names=tuple(self.index.numeric_names or ()),

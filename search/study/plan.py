@@ -142,15 +142,18 @@ def stored_trials(config: StudyConfig, storage_url: str) -> int | None:
 
 def _sqlite_file_exists(url: str) -> bool:
     database = make_url(url).database
-    return bool(database) and database != ":memory:" and Path(database).is_file()
+    if not database or database == ":memory:":
+        return False
+    return Path(database).is_file()
 
 
 def _devices(plans: list[WorkerPlan], device: torch.device) -> str:
     if plans[0].gpu is None:
         return f"CPU, {plans[0].threads} thread(s) per worker"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = {torch.cuda.get_device_name(p.gpu) for p in plans}
-    return (f"GPU {','.join(physical_gpu(p.gpu, visible) for p in plans)} "
+    gpus = [p.gpu for p in plans if p.gpu is not None]  # all of them: the first has one
+    names = {torch.cuda.get_device_name(gpu) for gpu in gpus}
+    return (f"GPU {','.join(physical_gpu(gpu, visible) for gpu in gpus)} "
             f"({', '.join(sorted(names))})")
 
 

@@ -62,7 +62,7 @@ def progress(study: optuna.Study, n_trials: int, *, started: float | None = None
     counts = dict(Counter(t.state for t in trials))
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     best = max((t for t in trials if t.state == TrialState.COMPLETE),
-               key=lambda t: t.value, default=None)
+               key=_value, default=None)
     durations = [t.duration.total_seconds() for t in finished if t.duration is not None]
     remaining = max(0, n_trials - len(finished))
     eta = statistics.mean(durations) * remaining / max(1, workers) if durations else None
@@ -71,10 +71,15 @@ def progress(study: optuna.Study, n_trials: int, *, started: float | None = None
     return Progress(n_trials, counts, best, elapsed, eta, requeued)
 
 
+def _value(trial: FrozenTrial) -> float:
+    assert trial.value is not None  # a COMPLETE trial of a single-objective study has one
+    return trial.value
+
+
 def best_trials_table(study: optuna.Study, *, top: int = 5) -> Table:
     """The best complete trials with their parameters and key attributes."""
     complete = sorted((t for t in study.get_trials(deepcopy=False)
-                       if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:top]
+                       if t.state == TrialState.COMPLETE), key=lambda t: -_value(t))[:top]
     table = Table(title=f"best trials of {study.study_name!r}")
     for column in ("trial", "val macro F1", "accuracy", "params", "epochs", "img/s", "time"):
         table.add_column(column)
@@ -93,7 +98,7 @@ def timing_table(study: optuna.Study) -> Table:
     table = Table(title="time per trial (s)")
     for column in ("trial", "state", *TIMING_KEYS, "total_s"):
         table.add_column(column, justify="right")
-    sums = Counter()
+    sums: Counter[str] = Counter()
     for trial in study.get_trials(deepcopy=False):
         timing = trial.user_attrs.get("timing")
         if not timing:

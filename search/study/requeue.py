@@ -14,6 +14,7 @@ failure counts tell them apart.
 from __future__ import annotations
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat  # private: optuna<6 in pyproject.toml
 from optuna.trial import FrozenTrial, TrialState
 
 from search.study.storage import retrying
@@ -45,7 +46,11 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
 def queue_copy(study: optuna.Study, failed: FrozenTrial) -> None:
     """Queue the resuming copy of a trial that already ended FAIL with its reason recorded
     (a preempted worker records the reason itself, then Optuna fails the trial)."""
-    callback = study._storage.get_heartbeat_stale_trial_callback()
+    storage = study._storage
+    # Studies are opened on get_storage's RDB storage, which Optuna wraps in a cache; both
+    # keep heartbeats (Optuna's own fail_stale_trials narrows the same way).
+    assert isinstance(storage, BaseHeartbeat), type(storage)
+    callback = storage.get_heartbeat_stale_trial_callback()
     if callback is not None:  # the same copy a stale heartbeat gets; max_retry applies
         retrying(callback, study, failed)
 

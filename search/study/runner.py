@@ -91,7 +91,7 @@ def _run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     plans = plan_workers(config, workers)
     console.print(f"starting {len(plans)} worker(s) on "
                   + ("GPU " + ",".join(physical_gpu(p.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
-                              for p in plans) if plans[0].gpu is not None
+                              for p in plans if p.gpu is not None) if plans[0].gpu is not None
                      else f"CPU ({plans[0].threads} threads each)")
                   + f"; logs in {config.run_dir / 'logs'}")
     supervisor = Supervisor(

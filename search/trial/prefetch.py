@@ -181,6 +181,6 @@ class DeviceBatches:
     def __enter__(self) -> DeviceBatches:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._prefetcher.__exit__(*exc_info)
+    def __exit__(self, kind: type | None, *exc_info: object) -> None:
+        self._prefetcher.__exit__(kind, *exc_info)
 

@@ -84,7 +84,7 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> list[
     A model without ``backbones()`` (not a fusion model) is one group at ``lr``. The LR
     schedule multiplies each group's own lr, so the ratio holds at every step.
     """
-    backbones = model.backbones() if hasattr(model, "backbones") else []
+    backbones: list[nn.Module] = getattr(model, "backbones", list)()
     inner = {id(p) for b in backbones for p in b.parameters()}
     head = [p for p in model.parameters() if id(p) not in inner]
     groups = [{"params": head, "lr": lr, "name": "head"}]
