@@ -2,7 +2,8 @@
 
 Whatever hypothesis makes of them, `search run --dry-run`, `search data check` and
 `search predict` end with exit 0 or 2, and an exit 2 is one `error:` line, never a traceback.
-Each test checks that hypothesis ran all the cases it asked for: 300 + 900 + 900 = 2,100.
+Each test checks that hypothesis ran all the cases it asked for: 1,000 + 700 + 400 = 2,100
+(weighted by cost: a dry run of a broken file is cheapest, a prediction dearest).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def test_mutated_study_files_dry_run_cleanly(folders, monkeypatch):
     monkeypatch.delenv("SEARCH_STORAGE", raising=False)
     original = (folders / "tiny.toml").read_text()
 
-    @settings(max_examples=300, **SETTINGS)
+    @settings(max_examples=1000, **SETTINGS)
     @given(_mutations())
     def case(operations):
         (folders / "bad.toml").write_text(mutate(original, operations))
@@ -120,7 +121,7 @@ def test_mutated_study_files_dry_run_cleanly(folders, monkeypatch):
         CASES["study file"] += 1
 
     case()
-    assert CASES["study file"] >= 300, CASES  # hypothesis ran every case it was asked for
+    assert CASES["study file"] >= 1000, CASES  # hypothesis ran every case it was asked for
     assert not (folders / "runs" / "tiny").exists()  # a dry run stores nothing
 
 
@@ -128,7 +129,7 @@ def test_mutated_csv_files_check_cleanly(csv_set, monkeypatch):
     monkeypatch.chdir(csv_set)
     good = (csv_set / "data" / "train.csv").read_text()
 
-    @settings(max_examples=900, **SETTINGS)
+    @settings(max_examples=700, **SETTINGS)
     @given(_mutations())
     def case(operations):
         (csv_set / "data" / "train.csv").write_text(mutate(good, operations), encoding="utf-8")
@@ -141,7 +142,7 @@ def test_mutated_csv_files_check_cleanly(csv_set, monkeypatch):
     finally:
         (csv_set / "data" / "train.csv").write_text(good)
         shutil.rmtree(csv_set / "runs", ignore_errors=True)
-    assert CASES["csv"] >= 900, CASES
+    assert CASES["csv"] >= 700, CASES
 
 
 def _paths(value, prefix=()):
@@ -169,7 +170,7 @@ def test_mutated_model_json_predicts_cleanly(bundle, tmp_path):
     image = next((bundle.parent / "data" / "test" / "rgb").glob("*/*.png"))
     depth = image.parents[2] / "depth" / image.parent.name / image.name
 
-    @settings(max_examples=900, **SETTINGS)
+    @settings(max_examples=400, **SETTINGS)
     @given(st.lists(st.tuples(st.sampled_from(paths), st.sampled_from(["delete", "set"]),
                               JSON_VALUES), min_size=1, max_size=3))
     def case(edits):
@@ -192,5 +193,5 @@ def test_mutated_model_json_predicts_cleanly(bundle, tmp_path):
         CASES["model.json"] += 1
 
     case()
-    assert CASES["model.json"] >= 900, CASES
+    assert CASES["model.json"] >= 400, CASES
     print(f"property cases so far: {dict(CASES)}")

@@ -28,7 +28,13 @@ from search.cli import app
 from search.config import HeartbeatConfig
 from search.study.storage import get_storage, normalize_url
 from search.study.worker import POLL_S
-from search.trial.artifacts import CHECKPOINT, CONFUSION, METRICS, create_artifact_store
+from search.trial.artifacts import (
+    CHECKPOINT,
+    CONFUSION,
+    LEARNING_CURVE,
+    METRICS,
+    create_artifact_store,
+)
 from tests.db.conftest import (
     logs,
     start_worker,
@@ -78,7 +84,7 @@ def test_three_workers_finish_exactly_the_budget(workdir, server_url):
         assert trial.user_attrs["timing"]["storage_s"] < trial.user_attrs["timing"]["total_s"]
         files = {m.filename: m.artifact_id
                  for m in get_all_artifact_meta(trial, storage=study._storage)}
-        assert set(files) == {CHECKPOINT, CONFUSION, METRICS}
+        assert set(files) == {CHECKPOINT, CONFUSION, LEARNING_CURVE, METRICS}
         download_artifact(artifact_store=store, artifact_id=files[METRICS],
                           file_path=str(workdir / "m.json"))
         assert json.loads((workdir / "m.json").read_text())["macro_f1"] == trial.value
