@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the study-file schema must not import Optuna
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 # models/_spec.py validates late rules too (models may not import search); a test checks they agree.
 LATE_RULES = ("mean", "learned", "confidence")
+TTA_MODES = ("none", "flips")  # search/trial/tta.py
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,10 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     # validated, kept and exported; 0 keeps the raw weights.
     Hyperparameter("ema_decay", float, 0.0, Categorical((0.0,)), bounds=(0.0, 0.9999),
                    doc="ema_decay = [0.0, 0.999] (average of the weights; 0: off)"),
+    # Test-time augmentation (search/trial/tta.py): validate and export the mean over the
+    # study's own per-batch ops ("none": the image as it is).
+    Hyperparameter("tta", str, "none", Categorical(("none",)), choices=TTA_MODES,
+                   doc='tta = ["none", "flips"] (average over the study\'s own flips)'),
 )
 BY_NAME = {h.name: h for h in HYPERPARAMETERS}
 

@@ -63,7 +63,7 @@ class EnsembleModel(nn.Module):
     weights: torch.Tensor
     bias: torch.Tensor
 
-    def __init__(self, members: Sequence[models.FusionModel], rgb_norms: Sequence[dict],
+    def __init__(self, members: Sequence[single.Network], rgb_norms: Sequence[dict],
                  weights: Sequence[float], bias: Sequence[float] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
@@ -281,6 +281,7 @@ def _metadata(config: StudyConfig, study: optuna.Study, storage_url: str,
                 "weight": float(fitted.weights[i]),
                 "backbone": members[i].trained.spec.backbone,
                 "fusion": members[i].trained.spec.fusion,
+                "tta": list(getattr(members[i].trained.model, "ops", [])),
                 "spec": members[i].trained.spec.to_dict(),
                 "preprocess": single.bundle_preprocess(members[i].trained),
             } for i in kept],

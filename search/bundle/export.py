@@ -41,6 +41,7 @@ from search.study.open import open_study, study_artifacts_dir
 from search.study.storage import redact
 from search.trial.artifacts import CHECKPOINT, load_checkpoint
 from search.trial.train import Evaluation, Speedups, evaluate
+from search.trial.tta import TTAModel
 
 if TYPE_CHECKING:  # ensemble imports this module
     from search.bundle.ensemble import EnsembleModel
@@ -55,6 +56,9 @@ _FP32 = Speedups(channels_last=False, autocast_dtype=None)  # export is checked 
 _DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
 _DATA_DEPENDENT = ("resolution", "numeric", "text")  # preprocess entries the data decides
 
+# What a trial exports: its fusion model, or that model averaged over test-time views.
+Network = models.FusionModel | TTAModel
+
 
 @dataclass
 class TrialModel:
@@ -62,7 +66,7 @@ class TrialModel:
 
     trial: FrozenTrial
     spec: models.ModelSpec
-    model: models.FusionModel
+    model: Network
     state_dict: dict[str, torch.Tensor]
     classes: list[str]
     preprocess: dict
@@ -117,7 +121,10 @@ def load_trial_model(study: optuna.Study, trial: FrozenTrial, artifacts_dir: Pat
     except (KeyError, ValueError, RuntimeError) as error:
         raise UserError(f"{where}: its checkpoint does not fit the models package "
                         f"({_first_line(error)})") from None
-    return TrialModel(trial=trial, spec=spec, model=models.prepare_for_export(model),
+    prepared = models.prepare_for_export(model)
+    views = checkpoint.get("tta") or []  # the trial was validated on these views: ship them
+    return TrialModel(trial=trial, spec=spec,
+                      model=TTAModel(prepared, views) if views else prepared,
                       state_dict=checkpoint["state_dict"], classes=list(checkpoint["classes"]),
                       preprocess=checkpoint["preprocess"])
 
@@ -154,7 +161,7 @@ def export_onnx(trained: TrialModel, path: Path) -> None:
     export_graph(trained.model, example, path)
 
 
-def export_graph(model: models.FusionModel | EnsembleModel, example: dict[str, torch.Tensor],
+def export_graph(model: Network | EnsembleModel, example: dict[str, torch.Tensor],
                  path: Path) -> None:
     """Export a model that reads a dict batch (its ``input_names``) as an ONNX graph."""
     names = list(model.input_names)
@@ -198,7 +205,7 @@ def check_onnx(trained: TrialModel, session: ort.InferenceSession, split: Split,
 
 
 @torch.no_grad()
-def compare_onnx(model: models.FusionModel | EnsembleModel, session: ort.InferenceSession,
+def compare_onnx(model: Network | EnsembleModel, session: ort.InferenceSession,
                  split: Split, batch_size: int = 64) -> OnnxCheck:
     """Run ``model`` and the graph on every sample of ``split`` and compare the logits."""
     model.eval()
@@ -261,6 +268,7 @@ def bundle_metadata(config: StudyConfig, study: optuna.Study, storage_url: str,
                      "dtype": "float32", "note": "softmax over classes gives probabilities"}],
         "preprocess": bundle_preprocess(trained),
         "architecture": {"spec": spec.to_dict(), "backbone": spec.backbone,
+                         "tta": list(getattr(trained.model, "ops", [])),
                          "fusion": spec.fusion, "modality": spec.modality,
                          "params": sum(p.numel() for p in trained.model.parameters())},
         "metrics": bundle_metrics(trained, test, n_test),

@@ -27,6 +27,7 @@ from search.study.requeue import INTERRUPTED
 from search.study.storage import retrying
 from search.trial.artifacts import trial_note, upload_trial_artifacts
 from search.trial.train import Speedups, TrialParams, train
+from search.trial.tta import tta_ops
 
 
 def sample_params(trial: optuna.Trial, config: StudyConfig) -> TrialParams:
@@ -217,6 +218,7 @@ class Objective:
         data_s = time.perf_counter() - tick
 
         resume_path = self._resume_path(trial)
+        views = tta_ops(params.tta, self.config.augment.ops)
         writer = ResumeWriter(resume_path)
         try:
             result = train(
@@ -224,7 +226,7 @@ class Objective:
                 device=self.device, speed=self.speed, num_classes=len(self.data.classes),
                 seed=self.config.study.seed + trial.number, class_weights=weights,
                 on_epoch=lambda epoch, f1: self._report(trial, epoch, f1),
-                save_resume=writer.save, resume=_load_resume(resume_path),
+                save_resume=writer.save, resume=_load_resume(resume_path), tta_ops=views,
             )
         except BaseException:
             with contextlib.suppress(RuntimeError):  # keep the error that ended the trial
@@ -236,7 +238,7 @@ class Objective:
         upload_trial_artifacts(
             self.store, trial, classes=self.data.classes, metrics=metrics,
             checkpoint={"spec": spec.to_dict(), "state_dict": result.best_state,
-                        "classes": self.data.classes,
+                        "classes": self.data.classes, "tta": list(views),
                         "preprocess": preprocess.to_dict()})
         artifacts_s = time.perf_counter() - tick
         timing = {**result.timing, "prepare_s": data_s, "storage_s": self.storage_s,

@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from search.config import TrainConfig
 from search.data.prepared import Split
 from search.trial.prefetch import DeviceBatches
+from search.trial.tta import TTAModel
 
 CLIP_NORM = 5.0
 """Gradients are clipped to this global norm: one bad batch cannot wreck a trial."""
@@ -45,6 +46,7 @@ class TrialParams:
     freeze_epochs: int = 0
     backbone_lr_scale: float = 1.0
     ema_decay: float = 0.0
+    tta: str = "none"
 
 
 @dataclass
@@ -268,6 +270,7 @@ def train(
     on_epoch: Callable[[int, float], None] = lambda epoch, f1: None,
     save_resume: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    tta_ops: tuple[str, ...] = (),
 ) -> TrainResult:
     """Train ``model`` and keep the weights of its best validation epoch.
 
@@ -296,6 +299,8 @@ def train(
     scaler = make_scaler(device, speed)
     ema = make_ema(model, params.ema_decay)
     scored = model if ema is None else ema.module  # what is validated, kept and exported
+    # Validation sees what export will ship: with test-time augmentation, the mean over views.
+    judged = TTAModel(scored, tta_ops) if tta_ops else scored
 
     history: list[float] = []
     best, best_epoch, best_state = None, -1, {}
@@ -346,7 +351,7 @@ def train(
                 tick = time.perf_counter()
 
         tick = time.perf_counter()
-        current = evaluate(scored, val_split, device=device, speed=speed, num_classes=num_classes)
+        current = evaluate(judged, val_split, device=device, speed=speed, num_classes=num_classes)
         timing["val_s"] += time.perf_counter() - tick
         history.append(current.macro_f1)
         if current.macro_f1 > best_f1:
@@ -374,7 +379,8 @@ def train(
     if best is None:
         # Resumed after the best epoch: score the restored best weights once more.
         model.load_state_dict(best_state)
-        best = evaluate(model, val_split, device=device, speed=speed, num_classes=num_classes)
+        best = evaluate(TTAModel(model, tta_ops) if tta_ops else model, val_split,
+                        device=device, speed=speed, num_classes=num_classes)
     return TrainResult(
         best=best, best_epoch=best_epoch, best_state=copy.copy(best_state),
         epochs_run=len(history) - first_epoch, history=history,

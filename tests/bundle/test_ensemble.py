@@ -57,7 +57,9 @@ def test_an_ensemble_bundle_passes_the_plain_onnxruntime_contract(tmp_path, monk
     make_dataset(Path("data"))
     make_dataset(Path("held"), counts={"red": 4, "green": 4, "yellow": 3}, seed=1)
     os.rename("held/train", "data/test")
-    write_study(Path("."), Path("data"), n_trials=3, epochs=1, fusion='["none", "early"]')
+    study = write_study(Path("."), Path("data"), n_trials=3, epochs=1, fusion='["none", "early"]')
+    # Members validated with test-time views: the graph must carry them too.
+    study.write_text(study.read_text().replace("[space]\n", '[space]\ntta = "flips"\n'))
     result = runner.invoke(app, ["run", "--study", "tiny.toml"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["export", "--study", "tiny.toml", "--out", "ens",
@@ -71,6 +73,7 @@ def test_an_ensemble_bundle_passes_the_plain_onnxruntime_contract(tmp_path, monk
     assert sum(m["weight"] for m in arch["members"]) == pytest.approx(1.0)
     assert prep["rgb"]["mean"] == [0.0, 0.0, 0.0] and prep["rgb"]["std"] == [1.0, 1.0, 1.0]
     assert all(m["preprocess"]["rgb"]["std"] != [1.0, 1.0, 1.0] for m in arch["members"])
+    assert all(m["tta"] == ["flip_left_right"] for m in arch["members"])
     assert len(meta["postprocess"]["bias"]) == 3
     assert "val_macro_f1_after_out_of_fold" in meta["postprocess"]["steps"]["bias"]
     interval = meta["metrics"]["test_macro_f1_interval"]
