@@ -38,7 +38,27 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 # PIL decodes and resizes with the GIL released, so threads use both cores without the
 # start-up cost (and fork-safety worries) of a process pool. Measured on 2 busy cores:
 # 1024x768 JPEG 4.5 -> 2.8 ms, 64 px PNG 0.8 -> 0.63 ms per image; see bench/data_cache.py.
-_DECODE_THREADS = min(2, os.cpu_count() or 1)
+
+
+def decode_threads(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Threads to decode with: the CPUs this process may use, not the machine's.
+
+    ``os.cpu_count()`` counts every core of the host; Slurm, taskset and Kubernetes' static CPU
+    manager narrow the affinity mask, and a Kubernetes CPU limit is a cgroup quota
+    (``cpu.max``: "200000 100000" is 2 CPUs). The cache is decoded by one process per host (the
+    first to take its lock; ``search run`` before its workers start), so it may use them all.
+    """
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            allowed = min(allowed, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to honour
+    return max(1, allowed)
 
 
 @dataclass(frozen=True)
@@ -262,7 +282,7 @@ def _decode_splits(index: DatasetIndex, resolution: int, resize: str,
             return f"{os.path.relpath(path, index.root)} ({error.reason})"
         return None
 
-    with ThreadPoolExecutor(_DECODE_THREADS) as pool:
+    with ThreadPoolExecutor(decode_threads()) as pool:
         bad = [problem for problem in pool.map(decode_into, jobs) if problem is not None]
     if bad:
         fail("unreadable or corrupt images", bad, index.root)

@@ -154,3 +154,22 @@ def test_split_arrays_are_cached_and_rebuilt_on_change(make_folders, spec, tmp_p
     assert len(builds) == 3
     row = splits["val"].ids.index("pear0")
     assert int(splits["val"].images["depth"][row].max()) == 7
+
+
+def test_decode_threads_follow_the_affinity_mask_and_the_cgroup_quota(tmp_path):
+    from search.data.cache import decode_threads
+
+    mask = os.sched_getaffinity(0)
+    allowed = len(mask)
+    assert decode_threads(tmp_path / "missing") == allowed
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert decode_threads(tmp_path / "cpu.max") == allowed
+    (tmp_path / "cpu.max").write_text("100000 100000\n")  # a Kubernetes limit of 1 CPU
+    assert decode_threads(tmp_path / "cpu.max") == 1
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU still gets one thread
+    assert decode_threads(tmp_path / "cpu.max") == 1
+    os.sched_setaffinity(0, {min(mask)})  # as `taskset -c 0` or a Slurm allocation of 1 CPU
+    try:
+        assert decode_threads(tmp_path / "missing") == 1
+    finally:
+        os.sched_setaffinity(0, mask)
