@@ -29,7 +29,7 @@ import optuna
 from rich.console import Console
 
 from bench._searches import mean, print_table, run_default, study_config
-from search.bundle.ensemble import Member, _raw_splits, export_ensemble, member_probabilities
+from search.bundle.ensemble import Member, export_ensemble, member_probabilities, raw_splits
 from search.bundle.export import export_trial, load_trial_model
 from search.bundle.files import ONNX_FILE
 from search.bundle.posthoc import cross_fit, fit_bias, fit_ensemble_weights, macro_f1
@@ -122,7 +122,7 @@ def main() -> None:
                                    and t.state == optuna.trial.TrialState.COMPLETE),
                                   key=lambda t: -t.value)[:5]
                 trained = [load_trial_model(run.study, t, config.artifacts_dir) for t in complete]
-                val, test = _raw_splits(config, trained)
+                val, test = raw_splits(config, trained)
                 members = [Member(t, member_probabilities(t, val), member_probabilities(t, test))
                            for t in trained]
                 result = scores(members, val.labels, test.labels)

@@ -38,7 +38,7 @@ from search.bundle.interval import bootstrap_macro_f1
 from search.bundle.posthoc import cross_fit, fit_bias, fit_ensemble_weights, macro_f1
 from search.config import StudyConfig
 from search.data.decode import PIXEL_SCALE, bundle_preprocess_section
-from search.data.prepared import Split, prepare_data
+from search.data.prepared import Split
 from search.errors import UserError
 from search.study.open import open_study, study_artifacts_dir
 from search.study.storage import redact
@@ -151,7 +151,7 @@ def export_ensemble(config: StudyConfig, storage_url: str, out: Path, *, size: i
     trials = pick_members(study, size, diverse=diverse)
     artifacts = study_artifacts_dir(config, study)
     trained = [single.load_trial_model(study, t, artifacts) for t in trials]
-    val, test = _raw_splits(config, trained)
+    val, test = raw_splits(config, trained)
     console.print(f"members: trials {', '.join(str(t.number) for t in trials)}; fitting on "
                   f"{len(val)} validation samples, scoring {len(test)} test samples")
     members = [Member(t, member_probabilities(t, val), member_probabilities(t, test))
@@ -169,7 +169,7 @@ def export_ensemble(config: StudyConfig, storage_url: str, out: Path, *, size: i
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        example = _example(model, trained, num_classes)
+        example = _example(model, trained)
         single.export_graph(model, example, building / ONNX_FILE)
         session = single._session(building / ONNX_FILE)
         check = single.compare_onnx(model, session, test)
@@ -230,7 +230,7 @@ def _step(estimate) -> dict:
             "note": "fitted on all folds but one, scored on the one left out"}
 
 
-def _raw_splits(config: StudyConfig, trained: list[single.TrialModel]) -> tuple[Split, Split]:
+def raw_splits(config: StudyConfig, trained: list[single.TrialModel]) -> tuple[Split, Split]:
     """Validation and test with rgb in [0, 1]; every member must have seen the same data."""
     first = trained[0].preprocess
     for other in trained[1:]:
@@ -238,15 +238,15 @@ def _raw_splits(config: StudyConfig, trained: list[single.TrialModel]) -> tuple[
             raise UserError(f"trials {trained[0].trial.number} and {other.trial.number} were "
                             "trained on differently prepared data (resolution, resize, depth "
                             "range or numeric statistics); export them one at a time")
-    single.load_test_split(config, trained[0])  # the same "data changed" checks as one trial
-    resize = first.get("resize", "squash")
-    config = config.model_copy(update={"train": config.train.model_copy(update={"resize": resize})})
-    data = prepare_data(config)
-    return data.split("val", rgb=RAW_RGB), data.split("test", rgb=RAW_RGB)
+    data = single.prepare_trial_data(config, trained[0])  # the checks a single export makes
+    val, test = data.split("val", rgb=RAW_RGB), data.split("test", rgb=RAW_RGB)
+    if len(test) == 0:
+        raise UserError(f"the test split of {config.data.root} is empty; export needs it "
+                        "to score the model and check the ONNX graph")
+    return val, test
 
 
-def _example(model: EnsembleModel, trained: list[single.TrialModel],
-             num_classes: int) -> dict[str, torch.Tensor]:
+def _example(model: EnsembleModel, trained: list[single.TrialModel]) -> dict[str, torch.Tensor]:
     example: dict[str, torch.Tensor] = {}
     for member in trained:
         example.update(models.example_inputs(member.spec, batch_size=2))

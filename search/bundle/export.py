@@ -35,7 +35,7 @@ from search.bundle.files import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE, ONNX_F
 from search.bundle.interval import bootstrap_macro_f1
 from search.config import StudyConfig
 from search.data.decode import bundle_preprocess_section
-from search.data.prepared import Split, prepare_data
+from search.data.prepared import PreparedData, Split, prepare_data
 from search.errors import UserError
 from search.study.open import open_study, study_artifacts_dir
 from search.study.storage import redact
@@ -129,11 +129,11 @@ def load_trial_model(study: optuna.Study, trial: FrozenTrial, artifacts_dir: Pat
                       preprocess=checkpoint["preprocess"])
 
 
-def load_test_split(config: StudyConfig, trained: TrialModel) -> Split:
-    """The study's test split, preprocessed exactly as the trial's data was.
+def prepare_trial_data(config: StudyConfig, trained: TrialModel) -> PreparedData:
+    """The study's data, prepared exactly as the trial's was.
 
     Raises:
-        UserError: The data set changed since the trial trained, or its test split is empty.
+        UserError: The data set changed since the trial trained.
     """
     # Decode as the trial did: checkpoints from before [train] resize existed were squashed.
     resize = trained.preprocess.get("resize", "squash")
@@ -148,7 +148,16 @@ def load_test_split(config: StudyConfig, trained: TrialModel) -> Split:
         raise UserError(f"the data set changed since trial {trained.trial.number} trained "
                         "(resolution or numeric statistics or depth range differ); cannot "
                         "score it fairly")
-    split = data.split("test", rgb=trained.preprocess["rgb"])  # the trial's normalization
+    return data
+
+
+def load_test_split(config: StudyConfig, trained: TrialModel) -> Split:
+    """The study's test split, preprocessed exactly as the trial's data was.
+
+    Raises:
+        UserError: The data set changed since the trial trained, or its test split is empty.
+    """
+    split = prepare_trial_data(config, trained).split("test", rgb=trained.preprocess["rgb"])
     if len(split) == 0:
         raise UserError(f"the test split of {config.data.root} is empty; export needs it "
                         "to score the model and check the ONNX graph")

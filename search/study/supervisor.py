@@ -18,7 +18,7 @@ from __future__ import annotations
 import signal
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
@@ -40,7 +40,6 @@ class WorkerSlot:
     process: subprocess.Popen
     restarts: int = 0
     finished: bool = False
-    history: list[subprocess.Popen] = field(default_factory=list)
 
 
 def describe_exit(code: int) -> str:
@@ -72,7 +71,6 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.console = console
         self.slots = [WorkerSlot(i, start(i)) for i in range(count)]
-        self.restarts = 0
 
     @property
     def processes(self) -> list[subprocess.Popen]:
@@ -93,7 +91,6 @@ class Supervisor:
             spent = retrying(budget_state, self.study, self.n_trials).spent
             if code == Preempted.exit_code and not spent:
                 # It requeued its own trial and asked to be restarted; that is no crash.
-                slot.history.append(slot.process)
                 slot.process = self._start(slot.index)
                 self.console.print(f"worker {slot.index} was preempted; restarted it")
                 continue
@@ -104,8 +101,6 @@ class Supervisor:
                                        "the most `max_worker_restarts` allows")
                 continue
             slot.restarts += 1
-            self.restarts += 1
-            slot.history.append(slot.process)
             slot.process = self._start(slot.index)
             self.console.print(f"{what}; requeued {requeued} trial(s) to resume from their last "
                                f"epoch, restarted it ({slot.restarts}/{self.max_restarts})")
