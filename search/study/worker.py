@@ -22,7 +22,7 @@ from search.errors import Preempted, UserError
 from search.launch.placement import slurm_attrs
 from search.study.budget import StudyLock, budget_state, top_up
 from search.study.open import open_study, with_study_artifacts_dir
-from search.study.requeue import INTERRUPTED, queue_copy
+from search.study.requeue import INTERRUPTED, queue_copy, queue_missing_copies
 from search.study.storage import StorageLostError, interruptible, retrying
 from search.trial.artifacts import create_artifact_store
 from search.trial.objective import Objective, check_pretrained, pick_device
@@ -72,7 +72,7 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     previous = _raise_on_sigterm()
     try:
         while deadline is None or time.monotonic() < deadline:
-            if not _claim_slot(study, lock, n_trials):
+            if not _claim_slot(study, lock, n_trials, config.heartbeat.grace_s):
                 if budget_state(study, n_trials).spent:
                     break
                 # Every remaining slot runs elsewhere; one may still fail and come back.
@@ -95,7 +95,8 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
             _check_failures(study, n_trials)
     finally:
         lock.close()
-        if previous is not None:
+        # After a preemption SIGTERM stays ignored: the process exits 75 next, not -15.
+        if previous is not None and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
             signal.signal(signal.SIGTERM, previous)
     return ran
 
@@ -111,6 +112,9 @@ def _raise_on_sigterm():
         return None  # signals reach only the main thread (tests run workers in threads)
 
     def preempt(signum: int, frame: object) -> None:
+        # Once is enough: a second SIGTERM (scancel signals the batch shell, which forwards
+        # it, and the worker itself) must not cut short the requeue of the running trial.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Preempted(f"{signal.Signals(signum).name}; the running trial resumes elsewhere")
 
     return signal.signal(signal.SIGTERM, preempt)
@@ -127,13 +131,17 @@ def _requeue_preempted(study: optuna.Study, started: list[int]) -> None:
                        trial.number)
 
 
-def _claim_slot(study: optuna.Study, lock: StudyLock, n_trials: int) -> bool:
+def _claim_slot(study: optuna.Study, lock: StudyLock, n_trials: int, grace_s: float) -> bool:
     """Take the lock if a WAITING trial is ready for us (queueing one if the budget allows).
 
     The lock stays held until the objective starts, i.e. until ``ask()`` has popped the
-    waiting trial, so two workers never race for the last slot.
+    waiting trial, so two workers never race for the last slot. An interrupted trial whose
+    copy is missing gets it first (``grace_s``: see :func:`queue_missing_copies`).
     """
     lock.acquire()
+    for number in queue_missing_copies(study, grace_s):
+        logger.warning("trial %d was interrupted but its copy never got queued; queued it now",
+                       number)
     state = budget_state(study, n_trials)
     if state.spent or (state.waiting == 0 and top_up(study, n_trials) == 0):
         lock.release()
