@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.db.conftest import postgres_db, workdir  # noqa: F401 (fixtures)
+from tests.debian import ensure_packages
 
 MUNGE_DIRS = ("/etc/munge", "/run/munge", "/var/log/munge", "/var/lib/munge")
 MUNGE_KEY = Path("/etc/munge/munge.key")
@@ -51,19 +52,6 @@ class SlurmCluster:
         return "\n".join(f"--- {name}\n{(self.folder / name).read_text(errors='replace')[-3000:]}"
                          for name in ("slurmctld.log", "slurmd.log")
                          if (self.folder / name).exists())
-
-
-def _install() -> None:
-    if shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("munged"):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("Slurm is not installed and cannot be installed here (needs root and apt)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            pytest.fail(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
 
 
 def _munge_works() -> bool:
@@ -181,7 +169,7 @@ def _stop(pid_file: Path) -> None:
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     """slurmctld + slurmd on this machine, one partition ``debug`` with every CPU."""
-    _install()
+    ensure_packages(["slurmctld", "slurmd", "munged"], ["slurm-wlm", "munge"])
     munged = _start_munge()
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     _write_conf(cluster.folder)

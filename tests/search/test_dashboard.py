@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from search.cli import app
 from search.trial.artifacts import CHECKPOINT, CONFUSION, LEARNING_CURVE, METRICS
+from tests.debian import ensure_packages
 from tests.search.conftest import write_study
 from tests.search.test_export import STUDY_FILE, build_exported_study
 
@@ -159,6 +160,12 @@ def test_a_busy_port_is_an_error(exported, monkeypatch):
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    ensure_packages([str(CHROMIUM)], ["chromium"], recommends=False)
+    return CHROMIUM
+
+
 def headless_chromium(url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -166,8 +173,7 @@ def headless_chromium(url: str, tmp_path: Path, *args: str) -> subprocess.Comple
         capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (/usr/bin/chromium)")
-def test_a_browser_shows_the_trial_and_its_confusion_matrix(dashboard, tmp_path):
+def test_a_browser_shows_the_trial_and_its_confusion_matrix(chromium, dashboard, tmp_path):
     base, _ = dashboard
     _, body = get(f"{base}/api/studies")
     study_id = json.loads(body)["study_summaries"][0]["study_id"]
