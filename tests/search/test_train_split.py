@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import augment
 from search.config import read_study_file
 from search.data.prepared import prepare_data
 from tests.search.conftest import make_dataset, write_study
@@ -81,3 +82,27 @@ def test_balanced_set_is_built_once_and_rebuilt_when_a_file_changes(workdir, mon
                         else (data / "train" / "rgb" / "green" / "green1.png").read_bytes())
     prepare_data(config).train_split("oversample")
     assert len(builds) == 2
+
+
+def test_random_resized_crop_reads_the_margin_cache_and_leaves_evaluation_alone(workdir):
+    data = make_dataset(workdir / "data")
+    config = read_study_file(str(write_study(workdir, data)))  # 16 px, rgb + depth
+    prepared = prepare_data(config)
+    resolution = config.train.resolution
+    val_before = prepared.split("val").batch(np.arange(4), CPU, False)
+    split, _ = prepared.train_split("none", seed=5, crop="random_resized")
+    plain, _ = prepared.train_split("none", seed=5)
+    margin = augment.source_size(resolution)
+    assert split.images["rgb"].shape[1:] == (margin, margin, 3)
+    assert plain.images["rgb"].shape[1:] == (resolution, resolution, 3)
+    rows = np.arange(len(split))
+    first = split.batch(rows, CPU, False)
+    assert first["rgb"].shape == (len(split), 3, resolution, resolution)
+    assert first["depth"].shape == (len(split), 1, resolution, resolution)
+    again, _ = prepared.train_split("none", seed=5, crop="random_resized")
+    assert torch.equal(first["rgb"], again.batch(rows, CPU, False)["rgb"])  # seeded
+    assert not torch.equal(first["rgb"], split.batch(rows, CPU, False)["rgb"])  # fresh per batch
+    # Evaluation sees the same pixels as without crops.
+    val_after = prepare_data(config).split("val").batch(np.arange(4), CPU, False)
+    assert torch.equal(val_before["rgb"], val_after["rgb"])
+    assert prepared.arrays["val"].images["rgb"].shape[1] == resolution
