@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import search.data.cache as cache
-from search.data.cache import cached_arrays, load_split_arrays, split_cache_key
+from search.data.cache import cached_arrays, load_split_arrays, split_cache_key, streamed_arrays
 from search.data.index import load_index
 
 
@@ -66,6 +66,35 @@ def test_a_failing_build_leaves_nothing(tmp_path: Path):
         cached_arrays(tmp_path, "k1", build)
     assert [p.name for p in tmp_path.iterdir()] == [".k1.lock"]
     assert cached_arrays(tmp_path, "k1", _arrays)["x"].shape == (3, 4)
+
+
+def test_a_streamed_entry_is_invisible_until_complete_and_byte_identical(tmp_path: Path):
+    expected = np.arange(6 * 4, dtype=np.uint8).reshape(6, 2, 2)
+
+    def dies_halfway(entry):
+        rows = entry.create("x", expected.shape, np.uint8)
+        rows.write(0, expected[:3])
+        assert cached_arrays(tmp_path, "other", _arrays)  # the lock is per key
+        assert not (tmp_path / "k1").exists()  # written rows are not an entry yet
+        raise KeyboardInterrupt  # the builder is stopped midway
+
+    with pytest.raises(KeyboardInterrupt):
+        streamed_arrays(tmp_path, "k1", dies_halfway)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k1.lock", ".other.lock", "other"]
+
+    def fills(entry):
+        rows = entry.create("x", expected.shape, np.uint8)
+        rows.write(3, expected[3:])  # blocks in any order
+        rows.write(0, expected[:3])
+        with pytest.raises(ValueError):
+            rows.write(5, expected[:3])  # past the end
+
+    result = streamed_arrays(tmp_path, "k1", fills)
+    np.testing.assert_array_equal(result["x"], expected)
+    # The same bytes np.save writes: entries from before streaming stay valid (no new
+    # DECODE_VERSION needed).
+    np.save(tmp_path / "saved.npy", expected)
+    assert (tmp_path / "k1" / "x.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
 
 
 def test_bad_keys_and_object_arrays_are_refused(tmp_path: Path):
