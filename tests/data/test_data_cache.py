@@ -247,6 +247,7 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_building_the_cache_keeps_the_peak_memory_below_a_quarter_of_the_arrays(tmp_path):
     # 1,000 samples, rgb + depth at 160 px: 102 MB of arrays, built whole in RAM by the
     # old code (growth >= 100%); streamed, one block of rows at a time, it must stay < 25%.
