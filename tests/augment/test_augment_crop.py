@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import augment
@@ -58,3 +59,12 @@ def test_boxes_lie_inside_the_image_within_the_scale_range():
     # Rounding the sides to whole pixels moves the area a little past the bounds.
     assert float(share.min()) > SCALE[0] * 0.85 and float(share.max()) <= 1.0
     assert 0.5 < float(share.mean()) < 0.75  # uniform in [0.25, 1], less the boxes that miss
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_batch_gets_the_crops_a_cpu_batch_gets():
+    images = {"rgb": batch(), "depth": batch(channels=1)}
+    on_cpu = augment.crop_batch(images, 8, seeded(7))
+    on_gpu = augment.crop_batch({k: v.cuda() for k, v in images.items()}, 8, seeded(7))
+    for name in images:  # the same boxes; bilinear weights differ in the last bits only
+        torch.testing.assert_close(on_gpu[name].cpu(), on_cpu[name], atol=1e-2, rtol=0)
