@@ -91,7 +91,7 @@ class Split:
             assert generator is not None, "a split with per-batch ops carries its generator"
             if self.flip_ops:
                 images = augment.flip_batch(images, self.flip_ops, generator)
-            if self.crop_to:  # after the flips, as the README says
+            if self.crop_to:  # on the posed image: the box is uniform over it either way
                 images = augment.crop_batch(images, self.crop_to, generator)
         batch = {}
         for modality, pixels in images.items():
