@@ -15,6 +15,7 @@ from augment.balance import (
     inverse_frequency_weights,
     list_strategies,
 )
+from augment.crop import crop_batch, source_size
 from augment.online import ONLINE_OPS, flip_batch, online_ops
 from augment.ops import OPS, OpSpec, list_ops, validate_ops
 from augment.pipeline import augment_rows, augment_sample, build_pipeline
@@ -30,6 +31,7 @@ __all__ = [
     "augment_sample",
     "balance",
     "build_pipeline",
+    "crop_batch",
     "flip_batch",
     "get_strategy",
     "inverse_frequency_weights",
@@ -37,5 +39,6 @@ __all__ = [
     "list_strategies",
     "online_ops",
     "seeded_global_rngs",
+    "source_size",
     "validate_ops",
 ]

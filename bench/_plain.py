@@ -93,8 +93,10 @@ class PlainData(PreparedData):
     def split(self, name: str, *, rgb: dict | None = None) -> DiskSplit:
         return self._disk_split(name, np.arange(len(self.arrays[name])), ops=(), rgb=rgb)
 
-    def train_split(self, strategy: str, *, seed: int = 0,
-                    rgb: dict | None = None) -> tuple[DiskSplit, np.ndarray | None]:
+    def train_split(self, strategy: str, *, seed: int = 0, rgb: dict | None = None,
+                    crop: str = "none") -> tuple[DiskSplit, np.ndarray | None]:
+        if crop != "none":  # the baseline decodes at the resolution: no margin to crop from
+            raise ValueError(f"the plain data path has no crop {crop!r}")
         labels = self.arrays["train"].labels
         rows, weights = np.arange(len(labels)), None
         if strategy == "oversample":

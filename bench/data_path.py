@@ -8,13 +8,16 @@
   normalisation, step) over model-only images/s (the same step on synthetic batches
   already on the device) for one backbone on the current device. 1.00 means the data path
   costs the training nothing.
-* ``stub``: the whole prefetcher, device-side flips and turns included, feeding a stub
+* ``stub``: the whole prefetcher, device-side flips and turns (and, with ``--crop``, the
+  random-resized crop from images cached at 1.25x the size) included, feeding a stub
   "model" that sleeps 25 ms per 64 images (an A100's pace on b0 at 224 px) without using
   the CPU; prints the share of the stub's rate it achieved. On a CPU machine the "device"
   is the CPU, so the augmentation and normalisation compete with the gather for cores.
 
-The cached arrays are synthetic, in RAM (a cache read from a warm page cache behaves the
-same). Example, from the repository root:
+The cached arrays are synthetic: in RAM, or with ``--arrays memmap`` written to ``.npy``
+files and read back as the read-only memory maps a trial trains from (the cache's own
+format; the page cache is warm, as on a machine whose cache has been read once). Example,
+from the repository root:
     .venv/bin/python -m bench.data_path --resolutions 224
 """
 
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,11 +46,20 @@ STUB_S_PER_64 = 0.025
 
 
 def synthetic_split(resolution: int, modalities: tuple[str, ...], rows: int, *,
-                    flips: bool = False) -> Split:
-    """A training split of random uint8 images (and labels of 10 classes)."""
+                    flips: bool = False, folder: Path | None = None) -> Split:
+    """A training split of random uint8 images (and labels of 10 classes).
+
+    With ``folder``, the images are saved there as ``.npy`` files and mapped back read-only,
+    as :func:`search.data.cache.cached_arrays` returns them.
+    """
     rng = np.random.default_rng(0)
     images = {m: rng.integers(0, 256, (rows, resolution, resolution, CHANNELS[m]), np.uint8)
               for m in modalities}
+    if folder is not None:
+        for name, array in images.items():
+            np.save(folder / f"{name}-{resolution}.npy", array, allow_pickle=False)
+        images = {name: np.load(folder / f"{name}-{resolution}.npy", mmap_mode="r")
+                  for name in images}
     split = Split(labels=np.arange(rows) % 10, images=images)
     if flips:
         split.flip_ops = augment.ONLINE_OPS
@@ -151,6 +165,34 @@ def default_speed(device: torch.device) -> Speedups:
     return Speedups(channels_last=True, autocast_dtype=amp)
 
 
+def host_and_stub_lines(args: argparse.Namespace, resolution: int, name: str,
+                        modalities: tuple[str, ...], device: torch.device, skip: set[str],
+                        folder: Path | None) -> None:
+    """Print the host lines (and the stub line, for rgb + depth) of one configuration."""
+    pin = device.type == "cuda"
+    rows = max(4 * args.batch, 256)
+    split = synthetic_split(resolution, modalities, rows, folder=folder)
+    if "host" not in skip:
+        host_rate(split, args.batch, 4, 1, pin)  # warm-up: first touches, pinned pool
+        for workers in sorted({1, args.workers}):
+            rate = host_rate(split, args.batch, args.batches, workers, pin)
+            print(f"host   {resolution:4d} px  {name:<9}  batch {args.batch}  "
+                  f"workers {workers:2d}  {args.arrays:<6}  gather{'+pin' if pin else ''}"
+                  f"+enqueue  {rate:9.0f} img/s", flush=True)
+    if "stub" not in skip and name == "rgb+depth":
+        ops = "flips+turns"
+        if args.crop:  # the images as cached for crops: 1.25x the side, cropped to it
+            split = synthetic_split(augment.source_size(resolution), modalities, rows,
+                                    folder=folder)
+            split.crop_to, ops = resolution, "flips+turns+crop"
+        split.flip_ops = augment.ONLINE_OPS
+        split.generator = torch.Generator().manual_seed(0)
+        share, rate = stub_share(split, args.batch, args.stub_batches, device)
+        print(f"stub   {resolution:4d} px  {name:<9}  batch {args.batch}  {args.arrays:<6}  "
+              f"{ops} on {device.type}  {rate:7.0f} img/s = {share:5.1f}% "
+              f"of the stub's {64 / STUB_S_PER_64:.0f} img/s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--resolutions", default="64,128,224,380",
@@ -167,6 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratio-steps", type=int, default=None,
                         help="steps timed per ratio measurement (default 5 CPU, 50 GPU)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: host,stub,ratio")
+    parser.add_argument("--arrays", choices=("ram", "memmap"), default="ram",
+                        help="cached arrays in RAM, or .npy files mapped read-only (a trial's)")
+    parser.add_argument("--crop", action="store_true",
+                        help="stub lines: random-resized crops from images cached with a margin")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     resolutions = [int(r) for r in args.resolutions.split(",") if r]
@@ -176,24 +222,11 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"{len(os.sched_getaffinity(0))} usable CPUs, batch {args.batch}")
 
-    for resolution in resolutions:
-        for name, modalities in MODALITIES.items():
-            rows = max(4 * args.batch, 256)
-            split = synthetic_split(resolution, modalities, rows)
-            if "host" not in skip:
-                host_rate(split, args.batch, 4, 1, pin)  # warm-up: first touches, pinned pool
-                for workers in sorted({1, args.workers}):
-                    rate = host_rate(split, args.batch, args.batches, workers, pin)
-                    print(f"host   {resolution:4d} px  {name:<9}  batch {args.batch}  "
-                          f"workers {workers:2d}  gather{'+pin' if pin else ''}+enqueue  "
-                          f"{rate:9.0f} img/s", flush=True)
-            if "stub" not in skip and name == "rgb+depth":
-                split.flip_ops = augment.ONLINE_OPS
-                split.generator = torch.Generator().manual_seed(0)
-                share, rate = stub_share(split, args.batch, args.stub_batches, device)
-                print(f"stub   {resolution:4d} px  {name:<9}  batch {args.batch}  "
-                      f"flips+turns on {device.type}  {rate:7.0f} img/s = {share:5.1f}% "
-                      f"of the stub's {64 / STUB_S_PER_64:.0f} img/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="data-path-") as scratch:
+        folder = Path(scratch) if args.arrays == "memmap" else None
+        for resolution in resolutions:
+            for name, modalities in MODALITIES.items():
+                host_and_stub_lines(args, resolution, name, modalities, device, skip, folder)
 
     if "ratio" not in skip:
         on_gpu = device.type == "cuda"

@@ -32,6 +32,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 # models/_spec.py validates late rules too (models may not import search); a test checks they agree.
 LATE_RULES = ("mean", "learned", "confidence")
 TTA_MODES = ("none", "flips")  # search/trial/tta.py
+CROPS = ("none", "random_resized")  # search/data/prepared.py, augment/crop.py
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,12 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     # study's own per-batch ops ("none": the image as it is).
     Hyperparameter("tta", str, "none", Categorical(("none",)), choices=TTA_MODES,
                    doc='tta = ["none", "flips"] (average over the study\'s own flips)'),
+    # Scale augmentation (augment/crop.py): each training sample, every batch, is cut to a
+    # random box of its image (cached with a margin) and resized to the resolution. Val,
+    # test and export see the same pixels either way, so trials with and without it are
+    # compared on the same validation set.
+    Hyperparameter("crop", str, "none", Categorical(("none",)), choices=CROPS,
+                   doc='crop = ["none", "random_resized"] (random-resized crop per batch)'),
 )
 BY_NAME = {h.name: h for h in HYPERPARAMETERS}
 

@@ -44,7 +44,9 @@ class Split:
     """One split as arrays ready to batch: uint8 images, standardised numeric, token ids.
 
     A training split may carry ``flip_ops`` (see :mod:`augment.online`): every batch then
-    gets fresh random flips and quarter turns on the device, drawn from ``generator``.
+    gets fresh random flips and quarter turns on the device, drawn from ``generator``; and
+    ``crop_to``, the training resolution: every sample is then cut to a random box of its
+    (larger) cached image and resized to ``crop_to``, after the flips (:mod:`augment.crop`).
     A batch is made in two halves so a background thread can do the first while the
     device trains (:mod:`search.trial.prefetch`): :meth:`gather` (host: copy the rows) and
     :meth:`to_device` (copy over, augment, normalise).
@@ -57,6 +59,7 @@ class Split:
     numeric: np.ndarray | None = None
     tokens: np.ndarray | None = None
     flip_ops: tuple[str, ...] = ()
+    crop_to: int | None = None
     generator: torch.Generator | None = None
     rgb_mean: tuple[float, ...] = RGB_MEAN
     rgb_std: tuple[float, ...] = RGB_STD
@@ -83,9 +86,13 @@ class Split:
         memory = torch.channels_last if channels_last else torch.contiguous_format
         moved = {key: value.to(device, non_blocking=non_blocking) for key, value in host.items()}
         images = {modality: moved[modality] for modality in self.images}
-        if self.flip_ops:
-            assert self.generator is not None, "a split with flip_ops carries its generator"
-            images = augment.flip_batch(images, self.flip_ops, self.generator)
+        if self.flip_ops or self.crop_to:
+            generator = self.generator
+            assert generator is not None, "a split with per-batch ops carries its generator"
+            if self.flip_ops:
+                images = augment.flip_batch(images, self.flip_ops, generator)
+            if self.crop_to:  # on the posed image: the box is uniform over it either way
+                images = augment.crop_batch(images, self.crop_to, generator)
         batch = {}
         for modality, pixels in images.items():
             # The same float32 operations as search.data.decode.normalize_pixels (predict's).
@@ -146,31 +153,56 @@ class PreparedData:
         """
         return self._to_split(self.arrays[name], np.arange(len(self.arrays[name].labels)), rgb)
 
-    def train_split(self, strategy: str, *, seed: int = 0,
-                    rgb: dict | None = None) -> tuple[Split, np.ndarray | None]:
+    def train_split(self, strategy: str, *, seed: int = 0, rgb: dict | None = None,
+                    crop: str = "none") -> tuple[Split, np.ndarray | None]:
         """The balanced training split for ``strategy`` and its class weights (or None).
 
         With ``[augment] online`` on, its batches get fresh flips and turns, drawn from ``seed``.
-        ``rgb`` is as for :meth:`split`.
+        With ``crop = "random_resized"`` its images come from the training images cached with
+        a margin (:func:`augment.source_size`) and every batch gets random-resized crops
+        to the resolution; the evaluation splits are the same either way. ``rgb`` is as
+        for :meth:`split`.
         """
-        balanced = self._balanced(strategy)
+        if crop not in ("none", "random_resized"):
+            raise ValueError(f"unknown crop {crop!r}")
+        train, images_key = self.arrays["train"], self._images_key()
+        if crop == "random_resized":
+            train, images_key = self._margin_train, self._images_key(margin=True)
+        balanced = self._balanced(strategy, train, images_key)
         weights = balanced.get("class_weights")
-        train = self.arrays["train"]
         split = self._to_split(train, balanced["source_index"], rgb)
         split.labels = np.asarray(balanced["labels"])
         split.images = {m: balanced[f"image_{m}"] for m in train.images}
         if self.config.augment.online:
             split.flip_ops = augment.online_ops(self.config.augment.ops)
+        if crop == "random_resized":
+            split.crop_to = self.config.train.resolution
+        if split.flip_ops or split.crop_to:
             split.generator = torch.Generator().manual_seed(seed)
         return split, None if weights is None else np.array(weights)  # writable copy for torch
 
-    def _balanced(self, strategy: str) -> dict[str, np.ndarray]:
-        train = self.arrays["train"]
+    @cached_property
+    def _margin_train(self) -> SplitArrays:
+        """The training split decoded at :func:`augment.source_size`, depth in the same range."""
+        settings = self.config.train
+        return load_split_arrays(self.index, augment.source_size(settings.resolution),
+                                 self.config.data.cache_dir, settings.resize, splits=("train",),
+                                 fit_resolution=settings.resolution)["train"]
+
+    def _images_key(self, *, margin: bool = False) -> str:
+        """The cache key of the decoded training images: files, size, resize, depth, decoder."""
+        settings = self.config.train
+        if not margin:
+            return split_cache_key(self.index, settings.resolution, settings.resize,
+                                   self.preprocess.depth_range)
+        return split_cache_key(self.index, augment.source_size(settings.resolution),
+                               settings.resize, self.preprocess.depth_range, ("train",))
+
+    def _balanced(self, strategy: str, train: SplitArrays,
+                  images_key: str) -> dict[str, np.ndarray]:
         settings = self.config.augment
         key_parts = {
-            # The decoded images' own key: files, resolution, resize, depth range, decoder.
-            "images": split_cache_key(self.index, self.config.train.resolution,
-                                      self.config.train.resize, self.preprocess.depth_range),
+            "images": images_key,  # the decoded images' own key (_images_key)
             "strategy": strategy, "ops": settings.ops, "target": settings.target_per_class,
             "seed": self.config.study.seed,
         }

@@ -213,7 +213,8 @@ class Objective:
                             "model_spec": spec.to_dict(), "worker_pid": os.getpid()})
         tick = time.perf_counter()
         train_split, weights = self.data.train_split(
-            params.balance, seed=self.config.study.seed + trial.number, rgb=rgb)
+            params.balance, seed=self.config.study.seed + trial.number, rgb=rgb,
+            crop=params.crop)
         val_split = self.data.split("val", rgb=rgb)
         data_s = time.perf_counter() - tick
 

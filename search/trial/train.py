@@ -47,6 +47,7 @@ class TrialParams:
     backbone_lr_scale: float = 1.0
     ema_decay: float = 0.0
     tta: str = "none"
+    crop: str = "none"
 
 
 @dataclass

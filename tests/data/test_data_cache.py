@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from PIL import Image
 
 import search.data.cache as cache
-from search.data.cache import cached_arrays, load_split_arrays, split_cache_key
+from search.data.cache import cached_arrays, load_split_arrays, split_cache_key, streamed_arrays
 from search.data.index import load_index
 
 
@@ -63,6 +66,35 @@ def test_a_failing_build_leaves_nothing(tmp_path: Path):
         cached_arrays(tmp_path, "k1", build)
     assert [p.name for p in tmp_path.iterdir()] == [".k1.lock"]
     assert cached_arrays(tmp_path, "k1", _arrays)["x"].shape == (3, 4)
+
+
+def test_a_streamed_entry_is_invisible_until_complete_and_byte_identical(tmp_path: Path):
+    expected = np.arange(6 * 4, dtype=np.uint8).reshape(6, 2, 2)
+
+    def dies_halfway(entry):
+        rows = entry.create("x", expected.shape, np.uint8)
+        rows.write(0, expected[:3])
+        assert cached_arrays(tmp_path, "other", _arrays)  # the lock is per key
+        assert not (tmp_path / "k1").exists()  # written rows are not an entry yet
+        raise KeyboardInterrupt  # the builder is stopped midway
+
+    with pytest.raises(KeyboardInterrupt):
+        streamed_arrays(tmp_path, "k1", dies_halfway)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k1.lock", ".other.lock", "other"]
+
+    def fills(entry):
+        rows = entry.create("x", expected.shape, np.uint8)
+        rows.write(3, expected[3:])  # blocks in any order
+        rows.write(0, expected[:3])
+        with pytest.raises(ValueError):
+            rows.write(5, expected[:3])  # past the end
+
+    result = streamed_arrays(tmp_path, "k1", fills)
+    np.testing.assert_array_equal(result["x"], expected)
+    # The same bytes np.save writes: entries from before streaming stay valid (no new
+    # DECODE_VERSION needed).
+    np.save(tmp_path / "saved.npy", expected)
+    assert (tmp_path / "k1" / "x.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
 
 
 def test_bad_keys_and_object_arrays_are_refused(tmp_path: Path):
@@ -173,3 +205,61 @@ def test_decode_threads_follow_the_affinity_mask_and_the_cgroup_quota(tmp_path):
         assert decode_threads(tmp_path / "missing") == 1
     finally:
         os.sched_setaffinity(0, mask)
+
+
+_PEAK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from search.config import DataConfig
+from search.data.cache import load_split_arrays
+from search.data.index import load_index
+
+def status(field):
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field))
+
+root, cache_dir, resolution = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+data = DataConfig(root=root, modalities=["rgb", "depth"], cache_dir=cache_dir)
+index = load_index(data, seed=0)
+try:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # VmHWM := VmRSS now: the peak below is the build's alone
+except OSError:
+    pass  # not allowed here: the peak then includes the imports' (a stricter test)
+before = status("VmRSS:")
+splits = load_split_arrays(index, resolution, cache_dir)
+total = sum(array.nbytes for split in splits.values() for array in split.images.values())
+print(json.dumps({"growth": status("VmHWM:") - before, "total": total}))
+"""
+
+
+def _noise_set(root: Path, per_split: dict[str, int]) -> None:
+    """Tiny (16 px) noise images: cheap to write, decoded up to the cache's resolution."""
+    rng = np.random.default_rng(0)
+    for split, count in per_split.items():
+        for i in range(count):
+            label = ("a", "b")[i % 2]
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(
+                _mkdir(root / split / "rgb" / label) / f"s{i}.png")
+            Image.fromarray(rng.integers(0, 256, (16, 16), np.uint8)).save(
+                _mkdir(root / split / "depth" / label) / f"s{i}.png")
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.mark.slow
+def test_building_the_cache_keeps_the_peak_memory_below_a_quarter_of_the_arrays(tmp_path):
+    # 1,000 samples, rgb + depth at 160 px: 102 MB of arrays, built whole in RAM by the
+    # old code (growth >= 100%); streamed, one block of rows at a time, it must stay < 25%.
+    root = tmp_path / "set"
+    _noise_set(root, {"train": 700, "val": 150, "test": 150})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(root), str(tmp_path / "c"),
+                           "160"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.splitlines()[-1])
+    assert figures["total"] == 1000 * 160 * 160 * 4
+    assert figures["growth"] < 0.25 * figures["total"], figures

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import augment
 from search.config import read_study_file
 from search.data.prepared import prepare_data
 from tests.search.conftest import make_dataset, write_study
@@ -81,3 +82,64 @@ def test_balanced_set_is_built_once_and_rebuilt_when_a_file_changes(workdir, mon
                         else (data / "train" / "rgb" / "green" / "green1.png").read_bytes())
     prepare_data(config).train_split("oversample")
     assert len(builds) == 2
+
+
+def test_random_resized_crop_reads_the_margin_cache_and_leaves_evaluation_alone(workdir):
+    data = make_dataset(workdir / "data")
+    config = read_study_file(str(write_study(workdir, data)))  # 32 px, rgb + depth
+    prepared = prepare_data(config)
+    resolution = config.train.resolution
+    val_before = prepared.split("val").batch(np.arange(4), CPU, False)
+    split, _ = prepared.train_split("none", seed=5, crop="random_resized")
+    plain, _ = prepared.train_split("none", seed=5)
+    margin = augment.source_size(resolution)
+    assert split.images["rgb"].shape[1:] == (margin, margin, 3)
+    assert plain.images["rgb"].shape[1:] == (resolution, resolution, 3)
+    rows = np.arange(len(split))
+    first = split.batch(rows, CPU, False)
+    assert first["rgb"].shape == (len(split), 3, resolution, resolution)
+    assert first["depth"].shape == (len(split), 1, resolution, resolution)
+    again, _ = prepared.train_split("none", seed=5, crop="random_resized")
+    assert torch.equal(first["rgb"], again.batch(rows, CPU, False)["rgb"])  # seeded
+    assert not torch.equal(first["rgb"], split.batch(rows, CPU, False)["rgb"])  # fresh per batch
+    # Evaluation sees the same pixels as without crops.
+    val_after = prepare_data(config).split("val").batch(np.arange(4), CPU, False)
+    assert torch.equal(val_before["rgb"], val_after["rgb"])
+    assert prepared.arrays["val"].images["rgb"].shape[1] == resolution
+
+
+class _Brightness(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        assert batch["rgb"].shape[2:] == (4, 4) and batch["depth"].shape[2:] == (4, 4)
+        return self.head(torch.cat([batch["rgb"], batch["depth"]], 1).mean(dim=(2, 3)))
+
+
+def test_training_on_cropped_batches_through_the_prefetcher():
+    from search.config import TrainConfig
+    from search.data.prepared import Split
+    from search.trial.train import Speedups, TrialParams, train
+
+    rng = np.random.default_rng(0)
+
+    def images(n: int, side: int) -> dict[str, np.ndarray]:
+        labels = np.arange(n) % 2
+        rgb = rng.integers(0, 120, (n, side, side, 3), dtype=np.uint8) + 120 * labels[:, None,
+                                                                                 None, None]
+        return {"rgb": rgb.astype(np.uint8), "depth": rgb[..., :1].copy()}
+
+    margin = augment.source_size(4)
+    train_split = Split(labels=np.arange(32) % 2, images=images(32, margin), crop_to=4,
+                        flip_ops=("flip_left_right",), generator=torch.Generator().manual_seed(0))
+    val = Split(labels=np.arange(16) % 2, images=images(16, 4))
+    params = TrialParams(backbone="b0", fusion="none", dropout=0.0, optimizer="sgd", lr=0.5,
+                         weight_decay=0.0, batch_size=8, label_smoothing=0.0, balance="none",
+                         crop="random_resized")
+    result = train(_Brightness(), train_split, val, params=params,
+                   settings=TrainConfig(epochs=3, patience=10, warmup_epochs=0), device=CPU,
+                   speed=Speedups(channels_last=True, autocast_dtype=None), num_classes=2, seed=0)
+    assert result.epochs_run == 3 and result.best.macro_f1 == 1.0
