@@ -345,7 +345,9 @@ def proxy_rows(args: argparse.Namespace, counts: list[int]) -> list[list[str]]:
                                     args.epoch_s, args.heartbeat_s, str(Path(tmp) / "artifacts"))
                 database = make_url(url).database
                 assert database is not None
-                counter = SessionCounter(sqlalchemy.create_engine(normalize_url(url)), database)
+                # Autocommit: within one transaction pg_stat_activity is a frozen snapshot.
+                counter = SessionCounter(sqlalchemy.create_engine(
+                    normalize_url(url), isolation_level="AUTOCOMMIT"), database)
                 timings = bench(settings, workers, sessions=counter,
                                 proxy_port=args.proxy_port if via_proxy else None)
                 counter.admin.dispose()
@@ -389,7 +391,9 @@ def main() -> None:
     print(f"synthetic objective (no training): {args.epochs} epochs x {args.epoch_s} s sleep; "
           f"per trial 3 suggestions, {args.epochs} x (report + should_prune), 11 user "
           f"attributes, 3 artifacts ({sizes}); "
-          f"heartbeat every {args.heartbeat_s} s; {args.trials} trials per run; "
+          f"heartbeat every {args.heartbeat_s} s; "
+          + (f"{args.trials_per_worker} trials per worker" if args.proxy
+             else f"{args.trials} trials per run") + "; "
           f"{os.cpu_count()} CPUs; means per trial")
     if args.proxy:
         workers = "8,32,64" if args.workers == parser.get_default("workers") else args.workers

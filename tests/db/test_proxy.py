@@ -107,9 +107,12 @@ def test_two_workers_behind_the_proxy_finish_exactly_the_budget(workdir, postgre
                for i in range(2)]
     try:
         assert wait_all(workers, timeout_s=300) == [0, 0], logs(workdir)
+        status = CliRunner().invoke(app, ["status", "--study", str(study_file),
+                                          "--storage", proxy_url])
     finally:
         stop_all(workers)
         stop_proxy(proxy)
+    assert status.exit_code == 0 and "3/3 done" in status.output, status.output
     trials = load(postgres_db.url).get_trials()
     assert all(t.state in FINAL for t in trials), [t.state for t in trials]
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
