@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -70,6 +71,7 @@ class Settings:
     epoch_s: float
     heartbeat_s: int
     artifacts_dir: str
+    poll_s: float = 2.0  # search.study.worker.POLL_S: how often an idle worker looks again
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def run_worker(settings: Settings, index: int, results: multiprocessing.Queue) -
             lock.release()
             if budget_state(study, settings.n_trials).spent:
                 break
-            time.sleep(0.1)  # the last slots run elsewhere
+            time.sleep(settings.poll_s)  # the last slots run elsewhere
             continue
         claimed = time.perf_counter()
         study.optimize(objective, n_trials=1)
@@ -190,7 +192,7 @@ def run_proxy_worker(settings: Settings, index: int, results: multiprocessing.Qu
         if state.spent:
             break
         if state.waiting == 0:
-            time.sleep(0.1)  # the proxy tops the queue up; the last slots run elsewhere
+            time.sleep(settings.poll_s)  # the proxy tops the queue up; the last slots run elsewhere
             continue
         claimed = time.perf_counter()
         try:
@@ -254,9 +256,7 @@ def bench(settings: Settings, workers: int, *, proxy_port: int | None = None,
         proxy = context.Process(target=run_proxy, args=(settings.url, proxy_port))
         proxy.start()
         target = run_proxy_worker
-        worker_settings = Settings(f"grpc://127.0.0.1:{proxy_port}", *(
-            getattr(settings, name) for name in ("n_trials", "epochs", "epoch_s",
-                                                 "heartbeat_s", "artifacts_dir")))
+        worker_settings = dataclasses.replace(settings, url=f"grpc://127.0.0.1:{proxy_port}")
     processes = [context.Process(target=target, args=(worker_settings, i, results))
                  for i in range(workers)]
     try:
@@ -342,7 +342,8 @@ def proxy_rows(args: argparse.Namespace, counts: list[int]) -> list[list[str]]:
                     Database("postgresql", args.postgres, Path(tmp)) as url:
                 (Path(tmp) / "artifacts").mkdir()
                 settings = Settings(url, args.trials_per_worker * workers, args.epochs,
-                                    args.epoch_s, args.heartbeat_s, str(Path(tmp) / "artifacts"))
+                                    args.epoch_s, args.heartbeat_s, str(Path(tmp) / "artifacts"),
+                                    args.poll_s)
                 database = make_url(url).database
                 assert database is not None
                 # Autocommit: within one transaction pg_stat_activity is a frozen snapshot.
@@ -377,6 +378,8 @@ def main() -> None:
                         help="heartbeat interval (the study-file default)")
     parser.add_argument("--postgres", help=f"admin URL (default {ADMIN_URLS['postgresql']})")
     parser.add_argument("--mysql", help=f"admin URL (default {ADMIN_URLS['mariadb']})")
+    parser.add_argument("--poll-s", type=float, default=2.0,
+                        help="an idle worker's wait before it looks again (search worker's)")
     parser.add_argument("--proxy", action="store_true",
                         help="PostgreSQL direct vs through `search proxy` (--workers "
                         "default 8,32,64), with the peak number of sessions")
@@ -407,7 +410,7 @@ def main() -> None:
                     Database(backend, admin.get(backend), Path(tmp)) as url:
                 (Path(tmp) / "artifacts").mkdir()
                 settings = Settings(url, args.trials, args.epochs, args.epoch_s,
-                                    args.heartbeat_s, str(Path(tmp) / "artifacts"))
+                                    args.heartbeat_s, str(Path(tmp) / "artifacts"), args.poll_s)
                 rows.append(summarize(backend, workers, bench(settings, workers)))
                 print("  done:", " ".join(rows[-1]), flush=True)
     print_table(rows)
