@@ -170,3 +170,31 @@ def wait_for(url: str, ready, timeout_s: float = 180) -> optuna.trial.FrozenTria
             pass  # no worker has created the study yet
         time.sleep(0.2)
     pytest.fail(f"no trial became ready within {timeout_s:.0f} s")
+
+
+@pytest.mark.db
+@pytest.mark.slow
+def test_a_preempted_worker_behind_the_proxy_queues_its_copy_and_exits_75(workdir, postgres_db):
+    study_file = tiny_study(workdir, n_trials=1, epochs=4)
+    study_file.write_text(study_file.read_text().replace("patience = 5", "patience = 10"))
+    proxy, proxy_url = start_proxy(postgres_db.url, workdir)
+    first = start_worker(study_file, proxy_url, n_trials=1, index=0, workdir=workdir)
+    try:
+        victim = wait_for(postgres_db.url, lambda t: t.state == TrialState.RUNNING
+                          and len(t.intermediate_values) >= 2)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 75, logs(workdir)  # "restart me"
+        # The copy came through the proxy (the client's own retry callback), not the reaper.
+        killed, copy = load(postgres_db.url).get_trials()
+        assert killed.number == victim.number and killed.state == TrialState.FAIL
+        assert killed.user_attrs["interrupted"] == "preempted (SIGTERM)"
+        assert copy.system_attrs["failed_trial"] == victim.number
+        second = start_worker(study_file, proxy_url, n_trials=1, index=1, workdir=workdir)
+        assert wait_all([second], timeout_s=300) == [0], logs(workdir)
+    finally:
+        stop_all([first])
+        stop_proxy(proxy)
+    killed, copy = load(postgres_db.url).get_trials()
+    assert copy.state == TrialState.COMPLETE
+    assert copy.user_attrs["resumed_after"] == "preempted (SIGTERM)"
+    assert copy.user_attrs["epochs_run"] < len(copy.intermediate_values) == 4
