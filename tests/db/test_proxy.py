@@ -198,3 +198,21 @@ def test_a_preempted_worker_behind_the_proxy_queues_its_copy_and_exits_75(workdi
     assert copy.state == TrialState.COMPLETE
     assert copy.user_attrs["resumed_after"] == "preempted (SIGTERM)"
     assert copy.user_attrs["epochs_run"] < len(copy.intermediate_values) == 4
+
+
+@pytest.mark.db
+@pytest.mark.slow
+def test_search_run_through_the_proxy_finishes_the_budget(workdir, postgres_db):
+    study_file = tiny_study(workdir, n_trials=2)
+    proxy, proxy_url = start_proxy(postgres_db.url, workdir)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]),
+           "SEARCH_STORAGE": proxy_url}
+    try:
+        done = subprocess.run([sys.executable, "-m", "search", "run", "--study", str(study_file),
+                               "--workers", "2"], cwd=workdir, env=env, capture_output=True,
+                              text=True, timeout=400)
+    finally:
+        stop_proxy(proxy)
+    assert done.returncode == 0, done.stdout + done.stderr + logs(workdir)
+    trials = load(postgres_db.url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, done.stdout
