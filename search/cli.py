@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -278,6 +279,28 @@ def k8s(
         else:
             out.write_text(text)
             error_console.print(f"wrote {out}")
+
+
+@app.command()
+def proxy(
+    storage: Annotated[str | None, typer.Option(
+        "--storage", help="The database to serve (default: SEARCH_STORAGE).")] = None,
+    host: Annotated[str, typer.Option(
+        help="Interface to listen on (0.0.0.0: all; the proxy has no authentication).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 13000,
+) -> None:
+    """Serve the storage to workers (--storage grpc://HOST:PORT) through Optuna's gRPC proxy."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with user_errors():
+        from search.launch import STORAGE_ENV
+        from search.study.proxy import serve
+
+        url = storage or os.environ.get(STORAGE_ENV)
+        if not url:
+            raise UserError(f"search proxy: no storage to serve; pass --storage or set "
+                            f"{STORAGE_ENV}")
+        serve(url, host=host, port=port)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -15,9 +15,10 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from search.config import StudyConfig
+from search.config import HeartbeatConfig, StudyConfig
 from search.errors import StorageError, UserError
 from search.study.budget import StudyLock, queue_start_points
+from search.study.proxy import GRACE_ATTR, START_POINTS_ATTR, is_proxy_url, open_proxy
 from search.study.storage import check_reachable, get_storage, normalize_url, redact, retrying
 
 # What the search maximises, as optuna-dashboard labels it.
@@ -51,18 +52,22 @@ def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
     check_reachable(storage_url)
     if mode == "read":
         try:
-            return optuna.load_study(study_name=config.name, storage=get_storage(storage_url))
+            return optuna.load_study(study_name=config.name, storage=_storage(storage_url))
         except KeyError:
             raise UserError(f"study {config.name!r} not found in the storage; "
                             f"run `search run --study {config.source}` first") from None
     budget = n_trials or config.study.n_trials
     if mode == "run":
-        storage = get_storage(storage_url, heartbeat=config.heartbeat)
+        storage = _storage(storage_url, heartbeat=config.heartbeat)
         study = optuna.create_study(study_name=config.name, storage=storage,
                                     direction="maximize", load_if_exists=True)
         _name_objective(study)
+        if is_proxy_url(storage_url):
+            _record_start_points(study, config)
         _record(study, config, budget)
         return study
+    if is_proxy_url(storage_url):
+        return _join_through_proxy(config, storage_url, budget, worker_index)
     # Workers scaled by `docker compose` start together with no `search run` before them, so
     # the first one creates the study. Creation runs under the study lock: SQLite workers
     # would otherwise race on creating the tables, server workers on the study row.
@@ -83,6 +88,41 @@ def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
     return study
 
 
+def _join_through_proxy(config: StudyConfig, storage_url: str, n_trials: int,
+                        worker_index: int) -> optuna.Study:
+    """A worker's join behind the gRPC proxy, which has no study lock to offer.
+
+    None is needed: creating a study that exists loads it, the attributes are the same
+    whoever writes them, and the start points are only recorded here; the proxy's
+    coordinator queues them, and the budget, under the lock (see :mod:`search.study.proxy`).
+    """
+    study = optuna.create_study(study_name=config.name,
+                                storage=_storage(storage_url, heartbeat=config.heartbeat),
+                                direction="maximize", load_if_exists=True,
+                                sampler=make_sampler(config, worker_index),
+                                pruner=make_pruner(config))
+    _record_start_points(study, config)
+    if "n_trials" not in study.user_attrs:
+        _name_objective(study)
+        _record(study, config, n_trials)
+    return study
+
+
+def _record_start_points(study: optuna.Study, config: StudyConfig) -> None:
+    """Leave the start points for the proxy's coordinator to queue, before the budget: it
+    tops the budget up as soon as it sees ``n_trials``, and a full budget takes no more."""
+    points = config.start_points()
+    if points and START_POINTS_ATTR not in study.user_attrs:
+        study.set_user_attr(START_POINTS_ATTR, points)
+
+
+def _storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optuna.storages.BaseStorage:
+    """The database's storage, or the client of a ``search proxy`` for ``grpc://``."""
+    if is_proxy_url(url):
+        return open_proxy(url, heartbeat=heartbeat)
+    return get_storage(url, heartbeat=heartbeat)
+
+
 def _record(study: optuna.Study, config: StudyConfig, n_trials: int) -> None:
     """Record the budget (a later ``search run --n-trials`` may change it), and once, when the
     study is new, its study file and artifact folder.
@@ -97,6 +137,8 @@ def _record(study: optuna.Study, config: StudyConfig, n_trials: int) -> None:
         study.set_user_attr("study_file", str(config.source))
     if "artifacts_dir" not in recorded:
         study.set_user_attr("artifacts_dir", str(config.artifacts_dir.resolve()))
+    if GRACE_ATTR not in recorded:  # a `search proxy` reaps the study's trials with it
+        study.set_user_attr(GRACE_ATTR, config.heartbeat.grace_s)
 
 
 def make_sampler(config: StudyConfig, worker_index: int) -> optuna.samplers.BaseSampler:

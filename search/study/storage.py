@@ -48,6 +48,10 @@ _DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"
 # Errors of a connection rather than of a statement: refused, dropped, timed out, locked.
 _TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
 
+# The trial system attribute a worker behind the gRPC proxy beats with (Optuna's proxy has no
+# heartbeat call); the proxy's storage records a heartbeat instead of storing it.
+BEAT_KEY = "fs:heartbeat"
+
 logger = logging.getLogger("search.study.storage")
 T = TypeVar("T")
 # Set by Ctrl-C (see interruptible): from then on a failing storage call is not retried.
@@ -280,7 +284,14 @@ class ResilientRDBStorage(RDBStorage):
     _set_trial_param = _retried(RDBStorage._set_trial_param)
     set_trial_intermediate_value = _retried(RDBStorage.set_trial_intermediate_value)
     set_trial_user_attr = _retried(RDBStorage.set_trial_user_attr)
-    set_trial_system_attr = _retried(RDBStorage.set_trial_system_attr)
+    _set_trial_system_attr = _retried(RDBStorage.set_trial_system_attr)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        """Set the attribute, or record a heartbeat relayed through the gRPC proxy."""
+        if key == BEAT_KEY:
+            self.record_heartbeat(trial_id)  # see search.study.proxy
+            return
+        self._set_trial_system_attr(trial_id, key, value)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Optuna's stale trials, plus RUNNING trials that never recorded a heartbeat.
@@ -389,6 +400,11 @@ def check_reachable(url: str) -> None:
     """
     full_url = normalize_url(url)
     if full_url.startswith("sqlite"):
+        return
+    if full_url.startswith("grpc://"):
+        from search.study.proxy import open_proxy  # imports this module
+
+        open_proxy(url).close()
         return
     try:
         engine = sqlalchemy.create_engine(full_url, **engine_kwargs(full_url))

@@ -22,6 +22,7 @@ from search.errors import Preempted, UserError
 from search.launch.placement import slurm_attrs
 from search.study.budget import StudyLock, budget_state, top_up
 from search.study.open import open_study, with_study_artifacts_dir
+from search.study.proxy import NoWaitingTrial, is_proxy_url
 from search.study.requeue import INTERRUPTED, queue_copy, queue_missing_copies
 from search.study.storage import StorageLostError, interruptible, retrying
 from search.trial.artifacts import create_artifact_store
@@ -63,9 +64,12 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     n_trials = options.n_trials or study.user_attrs["n_trials"]
     config = with_study_artifacts_dir(config, study)
     data = prepare_data(config)
-    lock = StudyLock(options.storage_url, config.name)
+    # Behind the gRPC proxy there is no lock to take: the proxy queues the budget, this
+    # worker only pops (see search.study.proxy).
+    lock = None if is_proxy_url(options.storage_url) else StudyLock(options.storage_url,
+                                                                    config.name)
     objective = Objective(data, artifact_store=create_artifact_store(config.artifacts_dir),
-                          device=device, on_trial_start=lock.release)
+                          device=device, on_trial_start=lock.release if lock else _nothing)
     deadline = time.monotonic() + options.timeout_s if options.timeout_s else None
     ran = 0
     started: list[int] = []
@@ -83,6 +87,8 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
             try:
                 study.optimize(_noting_trial(objective, started), n_trials=1,
                                catch=(Exception,))
+            except NoWaitingTrial:
+                continue  # another worker popped the last waiting trial first
             except Preempted:
                 _requeue_preempted(study, started)
                 raise
@@ -90,11 +96,13 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
                 if isinstance(error, StorageLostError) or not _taken_over(study, started):
                     raise
             finally:
-                lock.release()
+                if lock is not None:
+                    lock.release()
             ran += 1
             _check_failures(study, n_trials)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
         # After a preemption SIGTERM stays ignored: the process exits 75 next, not -15.
         if previous is not None and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
             signal.signal(signal.SIGTERM, previous)
@@ -131,13 +139,23 @@ def _requeue_preempted(study: optuna.Study, started: list[int]) -> None:
                        trial.number)
 
 
-def _claim_slot(study: optuna.Study, lock: StudyLock, n_trials: int, grace_s: float) -> bool:
+def _nothing() -> None:
+    pass
+
+
+def _claim_slot(study: optuna.Study, lock: StudyLock | None, n_trials: int,
+                grace_s: float) -> bool:
     """Take the lock if a WAITING trial is ready for us (queueing one if the budget allows).
 
     The lock stays held until the objective starts, i.e. until ``ask()`` has popped the
     waiting trial, so two workers never race for the last slot. An interrupted trial whose
-    copy is missing gets it first (``grace_s``: see :func:`queue_missing_copies`).
+    copy is missing gets it first (``grace_s``: see :func:`queue_missing_copies`). Without a
+    lock (behind the proxy) a worker only looks for a trial to pop; ``ask()`` refuses to
+    make one if another worker popped it first.
     """
+    if lock is None:
+        state = budget_state(study, n_trials)
+        return not state.spent and state.waiting > 0
     lock.acquire()
     for number in queue_missing_copies(study, grace_s):
         logger.warning("trial %d was interrupted but its copy never got queued; queued it now",
