@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from search.trial.objective import ResumeWriter, _load_resume
+from search.trial.objective import ResumeWriter, _load_resume, remove_resume
 
 
 def test_the_state_as_it_was_at_save_is_written(tmp_path):
@@ -76,3 +76,22 @@ def test_a_write_error_reaches_the_training_thread(tmp_path):
     writer.save({"model": torch.zeros(1)})
     with pytest.raises(RuntimeError, match=r"could not write .*trial-3\.pt"):
         writer.close()
+
+
+def test_a_write_that_fails_half_way_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "trial-4.pt"
+    writer = ResumeWriter(path)
+    # The tensor is written, then pickling fails: the same half-written file a full disk
+    # leaves, which no trial would ever delete.
+    writer.save({"model": torch.zeros(100_000), "unpicklable": lambda: None})
+    with pytest.raises(RuntimeError, match=r"could not write .*trial-4\.pt"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_removing_a_resume_file_removes_what_killed_writers_left(tmp_path):
+    path = tmp_path / "trial-5.pt"
+    for name in ("trial-5.pt", "trial-5.4242.tmp", "trial-5.77.tmp", "trial-50.4242.tmp"):
+        (tmp_path / name).write_bytes(b"state")
+    remove_resume(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["trial-50.4242.tmp"]  # another trial's
