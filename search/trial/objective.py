@@ -292,7 +292,10 @@ def _save_atomic(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     try:
-        torch.save(state, partial)
+        # Through a Python file: a full disk then raises "[Errno 28] No space left on
+        # device", where torch's own writer says only "unexpected pos 46912640 vs 46912528".
+        with open(partial, "wb") as file:
+            torch.save(state, file)
         os.replace(partial, path)  # readers see the old file or the new one, never half of one
     except BaseException:
         partial.unlink(missing_ok=True)  # a full disk must not keep half a state on it

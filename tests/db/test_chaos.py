@@ -15,7 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,12 +36,14 @@ pytestmark = [pytest.mark.db, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
 
 WORKERS = {"pg": 3, "lite": 2}
-N_TRIALS = {"pg": 5, "lite": 3}
+N_TRIALS = {"pg": 4, "lite": 3}
 EPOCHS = 3
 KILL_EVERY_S = 4.0
-MAX_KILLS = 10
+MAX_KILLS = 8
 RESTART_POSTGRES_AFTER, FILL_DISK_AFTER = 2, 4  # kills
-RUN_LIMIT_S = 480  # a hang detector: about 3 min on an idle 2-core machine
+# Hang detectors: the test takes about 3 min on an idle 2-core machine, while starting a
+# worker alone (importing torch) can take a minute on a loaded one.
+RUN_LIMIT_S = 900
 
 
 def chaos_study(workdir: Path, name: str) -> Path:
@@ -132,8 +133,11 @@ class Chaos:
             ballast.unlink()
 
     def no_space_failures(self) -> list[FrozenTrial]:
+        # The resume file (its write error is torch's, which may not name the cause) or
+        # an artifact could not be written.
         return [t for t in read_trials(self.urls["pg"], "pg")
-                if "No space left" in t.user_attrs.get("fail_reason", "")]
+                if any(s in t.user_attrs.get("fail_reason", "")
+                       for s in ("No space left", "could not write"))]
 
 
 def test_chaos(workdir, own_postgres):
@@ -178,7 +182,7 @@ def test_chaos(workdir, own_postgres):
 
 
 def wait_for_training(workdir: Path, runs: dict[str, subprocess.Popen],
-                      urls: dict[str, str], timeout_s: float = 240) -> None:
+                      urls: dict[str, str], timeout_s: float = 600) -> None:
     """Until each study has a trial with an epoch done (the studies exist only from then on)."""
     deadline = time.monotonic() + timeout_s
     waiting = set(runs)
@@ -209,11 +213,14 @@ def check_study(workdir: Path, name: str, url: str) -> int:
     artifacts = workdir / "runs" / name / "artifacts"
     store = create_artifact_store(artifacts)
     storage = get_storage(url)
+    downloads = workdir / "downloads"
     for trial in done:
         if trial.state == TrialState.COMPLETE:
             assert trial.value is not None
-            assert read_checkpoint(store, storage, trial)["state_dict"], trial.number
-            assert read_png(store, storage, trial).size, trial.number
+            checkpoint = download(store, storage, trial, CHECKPOINT, downloads)
+            assert torch.load(checkpoint, weights_only=True)["state_dict"], trial.number
+            with Image.open(download(store, storage, trial, CONFUSION, downloads)) as png:
+                png.verify()  # a whole PNG, not the start of one
             # A full history: every epoch reported once, none missing around a kill.
             assert sorted(trial.intermediate_values) == list(range(EPOCHS)), trial.number
     storage.engine.dispose()
@@ -229,19 +236,10 @@ def check_study(workdir: Path, name: str, url: str) -> int:
     return sum(t.state.is_finished() and t.state != TrialState.FAIL for t in copies)
 
 
-def read_checkpoint(store, storage, trial: FrozenTrial) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CHECKPOINT
-        download_artifact(artifact_store=store, artifact_id=find_artifact(trial, storage, CHECKPOINT),
-                          file_path=str(path))
-        return torch.load(path, weights_only=True)
-
-
-def read_png(store, storage, trial: FrozenTrial) -> Image.Image:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CONFUSION
-        download_artifact(artifact_store=store, artifact_id=find_artifact(trial, storage, CONFUSION),
-                          file_path=str(path))
-        with Image.open(path) as image:
-            image.load()
-            return image
+def download(store, storage, trial: FrozenTrial, filename: str, folder: Path) -> Path:
+    """The trial's artifact called ``filename``, downloaded into ``folder``."""
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{trial.number}-{filename}"
+    download_artifact(artifact_store=store, file_path=str(path),
+                      artifact_id=find_artifact(trial, storage, filename))
+    return path

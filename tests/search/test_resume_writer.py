@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import threading
 
 import pytest
@@ -78,15 +79,21 @@ def test_a_write_error_reaches_the_training_thread(tmp_path):
         writer.close()
 
 
-def test_a_write_that_fails_half_way_leaves_no_partial_file(tmp_path):
+def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path):
     path = tmp_path / "trial-4.pt"
     writer = ResumeWriter(path)
-    # The tensor is written, then pickling fails: the same half-written file a full disk
-    # leaves, which no trial would ever delete.
-    writer.save({"model": torch.zeros(100_000), "unpicklable": lambda: None})
-    with pytest.raises(RuntimeError, match=r"could not write .*trial-4\.pt"):
-        writer.close()
-    assert list(tmp_path.iterdir()) == []
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # No file of this process may pass 64 kB for a moment: the write fails half-way, as
+    # on a full disk (Python ignores SIGXFSZ, so the write itself fails with EFBIG).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        writer.save({"model": torch.zeros(100_000)})  # 400 kB
+        with pytest.raises(RuntimeError) as raised:
+            writer.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(raised.value).startswith(f"could not write {path}: ")
+    assert list(tmp_path.iterdir()) == []  # nobody would ever delete half a state
 
 
 def test_removing_a_resume_file_removes_what_killed_writers_left(tmp_path):
