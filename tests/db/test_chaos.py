@@ -216,7 +216,7 @@ def check_study(workdir: Path, name: str, url: str) -> int:
     artifacts = workdir / "runs" / name / "artifacts"
     store = create_artifact_store(artifacts)
     storage = get_storage(url)
-    downloads = workdir / "downloads"
+    downloads = workdir / "downloads" / name
     for trial in done:
         if trial.state == TrialState.COMPLETE:
             assert trial.value is not None
@@ -241,7 +241,7 @@ def check_study(workdir: Path, name: str, url: str) -> int:
 
 def download(store, storage, trial: FrozenTrial, filename: str, folder: Path) -> Path:
     """The trial's artifact called ``filename``, downloaded into ``folder``."""
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{trial.number}-{filename}"
     download_artifact(artifact_store=store, file_path=str(path),
                       artifact_id=find_artifact(trial, storage, filename))
