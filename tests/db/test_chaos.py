@@ -178,7 +178,7 @@ def test_chaos(workdir, own_postgres):
     restarts = output.count("restarted it")
     assert restarts >= chaos.kills, output  # every kill hit a worker that was restarted
     print(f"\nchaos: {chaos.kills} kills, {restarts} restarts, {resumed} resumed trials, "
-          f"0 lost ({time.monotonic() - started:.0f} s)")
+          f"0 lost\nchaos took {time.monotonic() - started:.0f} s")
 
 
 def wait_for_training(workdir: Path, runs: dict[str, subprocess.Popen],
