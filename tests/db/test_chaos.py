@@ -41,8 +41,8 @@ EPOCHS = 3
 KILL_EVERY_S = 4.0
 MAX_KILLS = 8
 RESTART_POSTGRES_AFTER, FILL_DISK_AFTER = 2, 4  # kills
-# Hang detectors: the test takes about 3 min on an idle 2-core machine, while starting a
-# worker alone (importing torch) can take a minute on a loaded one.
+# A hang detector, generous: on the loaded machine this test was written on (load 15-50 on
+# 2 cores) starting one worker (importing torch) took over a minute, and a run 8-9 minutes.
 RUN_LIMIT_S = 900
 
 
