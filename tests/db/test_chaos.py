@@ -88,13 +88,12 @@ def small_disk(folder: Path) -> Iterator[Path]:
         subprocess.run(["umount", "--lazy", str(folder)], check=False)
 
 
-def fill(folder: Path) -> Path:
-    """Take every free byte of ``folder``'s file system; delete the file to give them back."""
-    ballast = folder / "ballast"
-    with open(ballast, "wb") as file:
-        stat = os.statvfs(folder)
-        os.posix_fallocate(file.fileno(), 0, stat.f_bavail * stat.f_frsize)
-    return ballast
+def fill(ballast: Path) -> None:
+    """Grow ``ballast`` until its file system is full (again: workers free space meanwhile)."""
+    chunk = bytes(1 << 20)
+    with open(ballast, "ab", buffering=0) as file, contextlib.suppress(OSError):  # ENOSPC
+        while True:
+            file.write(chunk)
 
 
 class Chaos:
@@ -124,10 +123,11 @@ class Chaos:
 
     def run_out_of_space(self, folder: Path, timeout_s: float = 180) -> None:
         """Fill the artifact folder until a trial fails for want of space, then free it."""
-        ballast = fill(folder)
+        ballast = folder / "ballast"
         try:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and not self.no_space_failures():
+                fill(ballast)
                 time.sleep(0.5)
         finally:
             ballast.unlink()
