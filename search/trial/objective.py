@@ -292,8 +292,8 @@ def _save_atomic(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     try:
-        # Through a Python file: a full disk then raises "[Errno 28] No space left on
-        # device", where torch's own writer says only "unexpected pos 46912640 vs 46912528".
+        # Through a Python file: a full disk then mostly raises "[Errno 28] No space left
+        # on device", where torch's own writer says "unexpected pos 46912640 vs 46912528".
         with open(partial, "wb") as file:
             torch.save(state, file)
         os.replace(partial, path)  # readers see the old file or the new one, never half of one
