@@ -172,7 +172,7 @@ class Objective:
         except optuna.TrialPruned:
             # Here, not where the pruner decides: by now the resume writer has stopped, so
             # no state still in flight can recreate the file.
-            self._resume_path(trial).unlink(missing_ok=True)
+            remove_resume(self._resume_path(trial))
             raise
         except Preempted:
             # Keep the resume file: the worker queues a copy that continues from it.
@@ -180,13 +180,13 @@ class Objective:
             raise
         except KeyboardInterrupt:
             # Ctrl-C fails the trial for good (no heartbeat retry), so nothing will resume it.
-            self._resume_path(trial).unlink(missing_ok=True)
+            remove_resume(self._resume_path(trial))
             raise
         except Exception as error:
             # Optuna logs the traceback but stores no reason; keep one line in the study.
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
             retrying(trial.set_user_attr, "fail_reason", reason)
-            self._resume_path(trial).unlink(missing_ok=True)
+            remove_resume(self._resume_path(trial))
             raise
 
     def _run(self, trial: optuna.Trial) -> float:
@@ -246,7 +246,7 @@ class Objective:
                   "artifacts_s": artifacts_s, "total_s": time.perf_counter() - started}
         self._attrs(trial, {"timing": timing})
         retrying(save_note, trial, trial_note(metrics, timing))
-        resume_path.unlink(missing_ok=True)
+        remove_resume(resume_path)
         return result.best.macro_f1
 
     def _report(self, trial: optuna.Trial, epoch: int, f1: float) -> None:
@@ -292,8 +292,23 @@ class Objective:
 def _save_atomic(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(state, partial)
-    os.replace(partial, path)  # readers see the old file or the new one, never half of one
+    try:
+        # Through a Python file: a full disk then mostly raises "[Errno 28] No space left
+        # on device", where torch's own writer says "unexpected pos 46912640 vs 46912528".
+        with open(partial, "wb") as file:
+            torch.save(state, file)
+        os.replace(partial, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk must not keep half a state on it
+        raise
+
+
+def remove_resume(path: Path) -> None:
+    """Delete a trial's resume file, and the half-written ones of workers killed mid-write
+    (``trial-N.<pid>.tmp``; nothing else could ever delete those)."""
+    path.unlink(missing_ok=True)
+    for partial in path.parent.glob(f"{path.stem}.*.tmp"):
+        partial.unlink(missing_ok=True)
 
 
 def _snapshot(value):

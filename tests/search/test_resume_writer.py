@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import resource
 import threading
 
 import pytest
 import torch
 
-from search.trial.objective import ResumeWriter, _load_resume
+from search.trial.objective import ResumeWriter, _load_resume, remove_resume
 
 
 def test_the_state_as_it_was_at_save_is_written(tmp_path):
@@ -76,3 +77,28 @@ def test_a_write_error_reaches_the_training_thread(tmp_path):
     writer.save({"model": torch.zeros(1)})
     with pytest.raises(RuntimeError, match=r"could not write .*trial-3\.pt"):
         writer.close()
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "trial-4.pt"
+    writer = ResumeWriter(path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # No file of this process may pass 64 kB for a moment: the write fails half-way, as
+    # on a full disk (Python ignores SIGXFSZ, so the write itself fails with EFBIG).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        writer.save({"model": torch.zeros(100_000)})  # 400 kB
+        with pytest.raises(RuntimeError) as raised:
+            writer.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(raised.value).startswith(f"could not write {path}: ")
+    assert list(tmp_path.iterdir()) == []  # nobody would ever delete half a state
+
+
+def test_removing_a_resume_file_removes_what_killed_writers_left(tmp_path):
+    path = tmp_path / "trial-5.pt"
+    for name in ("trial-5.pt", "trial-5.4242.tmp", "trial-5.77.tmp", "trial-50.4242.tmp"):
+        (tmp_path / name).write_bytes(b"state")
+    remove_resume(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["trial-50.4242.tmp"]  # another trial's
