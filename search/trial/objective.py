@@ -246,7 +246,7 @@ class Objective:
         self._attrs(trial, {"timing": timing})
         retrying(save_note, trial, trial_note(metrics, timing))
         resume_path.unlink(missing_ok=True)
-        return result.best.macro_f1
+        return result.value
 
     def _report(self, trial: optuna.Trial, epoch: int, f1: float) -> None:
         tick = time.perf_counter()
@@ -266,6 +266,7 @@ class Objective:
             "images_per_s": round(result.images_per_s, 1),
             "seconds_per_epoch": round(seconds / max(1, result.epochs_run), 2),
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "best_epoch_macro_f1": best.macro_f1,
         })
         return {"macro_f1": best.macro_f1, "accuracy": best.accuracy,
                 "per_class_f1": best.per_class_f1, "confusion": best.confusion,
