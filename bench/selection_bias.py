@@ -10,7 +10,7 @@ touched, so the figures may choose a default.
 
     .venv/bin/python -m bench.selection_bias --study apples --n-trials 8 --seeds 0 \\
         --workdir /tmp/bench/sel
-    .venv/bin/python -m bench.selection_bias --analyse /tmp/bench/sel/ours-0/curves.npz
+    .venv/bin/python -m bench.selection_bias --analyse /tmp/bench/sel/ours-*/curves.npz --pool
 
 The rules (``e`` an epoch, ``F(e)`` a trial's macro F1 on A at the end of epoch ``e``):
 
@@ -148,15 +148,28 @@ def halves(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
     return np.flatnonzero(mask), np.flatnonzero(~mask)
 
 
-def analyse(path: Path, splits: int = SPLITS, seed: int = 0) -> dict[str, dict[str, float]]:
+def load_complete(paths: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The validation labels and the curves of the complete trials of one or more recordings
+    (of one study: the same validation split), pooled as if one search had run them all."""
+    labels, curves = None, {}
+    for path in paths:
+        data = np.load(path)
+        if labels is not None and not np.array_equal(labels, data["labels"]):
+            raise SystemExit(f"{path}: another validation split; pool one study's curves only")
+        labels = data["labels"]
+        for n, m in json.loads(str(data["meta"])).items():
+            if m["state"] == TrialState.COMPLETE.name:
+                curves[f"{path.parent.name}/{n}"] = data[f"trial_{n}"]
+    assert labels is not None
+    return labels, curves
+
+
+def analyse(paths: Path | list[Path], splits: int = SPLITS,
+            seed: int = 0) -> dict[str, dict[str, float]]:
     """Per rule, over ``splits`` halvings: the winner's F1 on B, its optimism, and the mean
     F1 on B of every complete trial's chosen checkpoint (the checkpoint choice alone)."""
-    data = np.load(path)
-    labels = data["labels"]
-    meta = json.loads(str(data["meta"]))
+    labels, curves = load_complete([paths] if isinstance(paths, Path) else paths)
     num_classes = int(labels.max()) + 1
-    complete = [n for n, m in meta.items() if m["state"] == TrialState.COMPLETE.name]
-    curves = {n: data[f"trial_{n}"] for n in complete}
     rng = np.random.default_rng(seed)
     results: dict[str, dict[str, list[float]]] = {
         r: {"winner B": [], "winner A": [], "checkpoint B": [], "winner B (full val best)": []}
@@ -183,15 +196,17 @@ def analyse(path: Path, splits: int = SPLITS, seed: int = 0) -> dict[str, dict[s
     return summary
 
 
-def report(paths: list[Path], splits: int) -> None:
+def report(paths: list[Path], splits: int, pool: bool = False) -> None:
     header = ["curves", "rule", "winner F1 on B", "optimism (A - B)",
               "mean checkpoint F1 on B", "vs max (winner on B)"]
     lines = []
-    for path in paths:
-        summary = analyse(path, splits)
+    groups = [paths] if pool else [[path] for path in paths]
+    for group in groups:
+        summary = analyse(group, splits)
         base = summary["max"]["winner B"]
+        name_of = " + ".join(path.parent.name for path in group)
         for name, s in summary.items():
-            lines.append([path.parent.name, name,
+            lines.append([name_of, name,
                           f"{s['winner B']:.4f} +- {s['winner B se']:.4f}",
                           f"{s['optimism']:+.4f}", f"{s['checkpoint B']:.4f}",
                           f"{s['winner B'] - base:+.4f}"])
@@ -205,9 +220,11 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=SPLITS, help="random halvings")
     parser.add_argument("--analyse", type=Path, nargs="+", metavar="NPZ",
                         help="only analyse curves recorded earlier")
+    parser.add_argument("--pool", action="store_true",
+                        help="with --analyse: pool the files' complete trials into one search")
     args = parser.parse_args()
     if args.analyse:
-        report(args.analyse, args.splits)
+        report(args.analyse, args.splits, args.pool)
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="fs-selection-") as temp:

@@ -268,7 +268,7 @@ class Objective:
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
             "best_epoch_macro_f1": best.macro_f1,
         })
-        return {"macro_f1": best.macro_f1, "accuracy": best.accuracy,
+        return {"value": result.value, "macro_f1": best.macro_f1, "accuracy": best.accuracy,
                 "per_class_f1": best.per_class_f1, "confusion": best.confusion,
                 "classes": self.data.classes, "best_epoch": result.best_epoch,
                 "history": result.history, "n_params": n_params}
