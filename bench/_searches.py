@@ -132,8 +132,10 @@ def run_plain(label: str, config: StudyConfig, *, cached: bool = False) -> Searc
 
 
 def plain_overrides(epochs: int) -> dict[str, dict[str, Any]]:
-    """What turns a study into the plain approach: no pruner, no early stopping."""
-    return {"pruner": {"kind": "none"}, "train": {"epochs": epochs, "patience": epochs}}
+    """What turns a study into the plain approach: no pruner, no early stopping, and each
+    trial valued at (and kept at) its best epoch, as a hand-written script does."""
+    return {"pruner": {"kind": "none"},
+            "train": {"epochs": epochs, "patience": epochs, "value": "max"}}
 
 
 def mean(values: list[float]) -> float:

@@ -6,7 +6,9 @@
 (a2) plain on our data path: (a)'s search, reading our decoded-image and balanced-set
     caches with per-batch flips, so that comparing (b) with it measures the search alone;
 (b) ours: the study as ``search worker`` runs it (its start points, sampler and pruner,
-    the final anneal on a plateau, the caches built cold at the start of each run).
+    the final anneal on a plateau, each trial valued at its best trailing mean of 3 epochs
+    where (a) and (a2) take the best single epoch, the caches built cold at the start of
+    each run).
 
 All samplers are seeded alike, so their random start-up trials train the same
 configurations; the model, data, split, loss and training loop are the same code.

@@ -131,6 +131,10 @@ class TrainConfig(_Section):
     # Epochs without a better smoothed val F1 before the final anneal (search/train.py).
     patience: Annotated[int, Field(gt=0)] = 3
     anneal_epochs: Annotated[int, Field(gt=0)] = 2
+    # A trial's value and kept epoch: "smoothed" = the epoch ending the best trailing mean
+    # of 3 val macro F1s, valued at that mean; "max" = the single best epoch, valued at its
+    # F1 (optimistic on a small val split: bench/README.md, "Choosing the winner").
+    value: Literal["smoothed", "max"] = "smoothed"
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"

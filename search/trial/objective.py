@@ -191,6 +191,9 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float:
         started = time.perf_counter()
+        # First, so that `search run` can requeue this trial at once if its worker dies
+        # while the model is still being built (else only the heartbeat would find it).
+        retrying(trial.set_user_attr, "worker_pid", os.getpid())
         if "origin_trial" not in trial.user_attrs:
             # Requeued copies keep user attributes, so a copy finds its origin's resume file.
             retrying(trial.set_user_attr, "origin_trial", trial.number)
@@ -210,7 +213,7 @@ class Objective:
         rgb = preprocess.to_dict()["rgb"]
         n_params = sum(p.numel() for p in model.parameters())
         self._attrs(trial, {"n_params": n_params, "device": self._device_name(),
-                            "model_spec": spec.to_dict(), "worker_pid": os.getpid()})
+                            "model_spec": spec.to_dict()})
         tick = time.perf_counter()
         train_split, weights = self.data.train_split(
             params.balance, seed=self.config.study.seed + trial.number, rgb=rgb,
@@ -247,7 +250,7 @@ class Objective:
         self._attrs(trial, {"timing": timing})
         retrying(save_note, trial, trial_note(metrics, timing))
         remove_resume(resume_path)
-        return result.best.macro_f1
+        return result.value
 
     def _report(self, trial: optuna.Trial, epoch: int, f1: float) -> None:
         tick = time.perf_counter()
@@ -267,8 +270,9 @@ class Objective:
             "images_per_s": round(result.images_per_s, 1),
             "seconds_per_epoch": round(seconds / max(1, result.epochs_run), 2),
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "best_epoch_macro_f1": best.macro_f1,
         })
-        return {"macro_f1": best.macro_f1, "accuracy": best.accuracy,
+        return {"value": result.value, "macro_f1": best.macro_f1, "accuracy": best.accuracy,
                 "per_class_f1": best.per_class_f1, "confusion": best.confusion,
                 "classes": self.data.classes, "best_epoch": result.best_epoch,
                 "history": result.history, "n_params": n_params}

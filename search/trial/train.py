@@ -62,15 +62,16 @@ class Evaluation:
 
 @dataclass
 class TrainResult:
-    """The best epoch of a trial and how the time was spent."""
+    """The kept epoch of a trial, the trial's value, and how the time was spent."""
 
-    best: Evaluation
+    best: Evaluation  # the kept epoch's own scores
     best_epoch: int
     best_state: dict[str, torch.Tensor]
     epochs_run: int
     history: list[float]
     images_per_s: float
     timing: dict[str, float] = field(default_factory=dict)
+    value: float = float("nan")  # what the trial reports to the study (see ``train``)
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,9 @@ def smoothed(history: list[float], window: int = 3) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, *, device: torch.device, speed: Speedups,
-             num_classes: int, batch_size: int = 128) -> Evaluation:
-    """Predict a whole split and score it with scikit-learn (macro F1 is the search's value)."""
+def predict(model: nn.Module, split: Split, *, device: torch.device, speed: Speedups,
+            batch_size: int = 128) -> np.ndarray:
+    """The predicted class of every row of ``split``, in order."""
     model.eval()
     chunks = []
     for start in range(0, len(split), batch_size):
@@ -191,16 +192,27 @@ def evaluate(model: nn.Module, split: Split, *, device: torch.device, speed: Spe
         with _autocast(device, speed):
             logits = model(batch)
         chunks.append(logits.argmax(dim=1).cpu().numpy())
-    predicted = np.concatenate(chunks)
-    labels = list(range(num_classes))
+    return np.concatenate(chunks)
+
+
+def score(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> Evaluation:
+    """Macro F1 (the search's value), accuracy, per-class F1 and confusion, by scikit-learn."""
+    classes = list(range(num_classes))
     return Evaluation(
-        macro_f1=float(f1_score(split.labels, predicted, average="macro", labels=labels,
+        macro_f1=float(f1_score(labels, predicted, average="macro", labels=classes,
                                 zero_division=0)),
-        accuracy=float(accuracy_score(split.labels, predicted)),
-        per_class_f1=[float(v) for v in f1_score(split.labels, predicted, average=None,
-                                                  labels=labels, zero_division=0)],
-        confusion=confusion_matrix(split.labels, predicted, labels=labels).tolist(),
+        accuracy=float(accuracy_score(labels, predicted)),
+        per_class_f1=[float(v) for v in f1_score(labels, predicted, average=None,
+                                                  labels=classes, zero_division=0)],
+        confusion=confusion_matrix(labels, predicted, labels=classes).tolist(),
     )
+
+
+def evaluate(model: nn.Module, split: Split, *, device: torch.device, speed: Speedups,
+             num_classes: int, batch_size: int = 128) -> Evaluation:
+    """Predict a whole split and score it."""
+    predicted = predict(model, split, device=device, speed=speed, batch_size=batch_size)
+    return score(split.labels, predicted, num_classes)
 
 
 def _autocast(device: torch.device, speed: Speedups):
@@ -280,6 +292,10 @@ def train(
     ``settings.patience`` epochs, the learning rate anneals to its floor within
     ``settings.anneal_epochs`` epochs and the trial ends there (early stopping that still
     ends on an annealed model).
+
+    Which epoch is kept, and the trial's value, follow ``settings.value``: ``"max"`` keeps
+    the epoch with the highest val macro F1 and reports that F1; ``"smoothed"`` keeps the
+    epoch that ends the best trailing mean of 3 (:func:`smoothed`) and reports that mean.
     """
     model.to(device)
     if device.type == "cuda":
@@ -319,6 +335,7 @@ def train(
         best_state = resume["best_state"]
         generator = np.random.default_rng([seed, len(history)])
         first_epoch = len(history)
+    by_smoothed = settings.value == "smoothed"
     best_f1 = history[best_epoch] if best_epoch >= 0 else -1.0
     # Early stopping watches the smoothed curve; on a plateau the trial anneals, then ends.
     best_smooth, smooth_epoch = -1.0, -1
@@ -355,11 +372,12 @@ def train(
         current = evaluate(judged, val_split, device=device, speed=speed, num_classes=num_classes)
         timing["val_s"] += time.perf_counter() - tick
         history.append(current.macro_f1)
-        if current.macro_f1 > best_f1:
+        new_smooth = smoothed(history) > best_smooth
+        if new_smooth if by_smoothed else current.macro_f1 > best_f1:
             best, best_f1, best_epoch = current, current.macro_f1, epoch
             best_state = {k: v.detach().to("cpu", copy=True)
                           for k, v in scored.state_dict().items()}
-        if smoothed(history) > best_smooth:
+        if new_smooth:
             best_smooth, smooth_epoch = smoothed(history), epoch
         elif (epoch - smooth_epoch >= settings.patience and schedule.anneal_from is None
               and last_epoch - epoch > settings.anneal_epochs):
@@ -386,5 +404,5 @@ def train(
         best=best, best_epoch=best_epoch, best_state=copy.copy(best_state),
         epochs_run=len(history) - first_epoch, history=history,
         images_per_s=images_seen / max(timing["train_s"] + timing["data_s"], 1e-9),
-        timing=timing,
+        timing=timing, value=best_smooth if by_smoothed else best.macro_f1,
     )

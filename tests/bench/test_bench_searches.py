@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_plain_trials_train_full_length_whatever_the_study_says(workdir):
     # No start point, so that ours samples its first trial as the plain search does.
     ours = study_config(str(path), workdir, "ours", sampler={"start_with": []})
     plain = study_config(str(path), workdir, "plain", **plain_overrides(3))
-    assert (plain.pruner.kind, plain.train.patience) == ("none", 3)
+    assert (plain.pruner.kind, plain.train.patience, plain.train.value) == ("none", 3, "max")
     a, b = run_plain("plain", plain), run_default("ours", ours)
     # Full length although the study file stops after one epoch without improvement.
     assert [t.state for t in a.finished] == [TrialState.COMPLETE] * 2
@@ -136,3 +137,37 @@ def test_summary_averages_the_seeds_that_reached_and_counts_the_misses():
     assert "time / (a2)'s wall time mean 0.40, worst 0.60" in line
     assert "time / (a)'s wall time mean 0.30, worst 0.50" in line
     assert line.endswith("missed the target in 1 of 3 seed(s)")
+
+
+def test_selection_bias_scores_match_scikit_learn_and_halves_are_stratified():
+    from sklearn.metrics import f1_score
+
+    from bench.selection_bias import halves, macro_f1
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 60)
+    predicted = rng.integers(0, 4, (5, 60))
+    expected = [f1_score(labels, p, average="macro", labels=range(4), zero_division=0)
+                for p in predicted]
+    np.testing.assert_allclose(macro_f1(labels, predicted, 4), expected)
+    a, b = halves(labels, rng)
+    assert sorted([*a, *b]) == list(range(60))
+    assert all(abs(np.sum(labels[a] == c) - np.sum(labels[b] == c)) <= 1 for c in range(4))
+
+
+def test_selection_bias_the_max_of_a_noisy_curve_is_optimistic(tmp_path):
+    from bench.selection_bias import analyse
+
+    # Four alike trials, each epoch wrong on a fresh random 20% of the samples: every rule's
+    # winner is worth about 0.8 on the other half, but the best single epoch on half A
+    # overstates it more than the best trailing mean of 3 does.
+    rng = np.random.default_rng(1)
+    labels = np.arange(200) % 2
+    trials = {f"trial_{n}": np.where(rng.random((8, 200)) < 0.2, labels ^ 1, labels)
+              for n in range(4)}
+    meta = {str(n): {"state": "COMPLETE"} for n in range(4)}
+    np.savez(tmp_path / "curves.npz", labels=labels, meta=json.dumps(meta), **trials)
+    summary = analyse(tmp_path / "curves.npz", splits=50)
+    assert summary["max"]["winner B"] == pytest.approx(0.8, abs=0.03)
+    assert summary["max"]["optimism"] > 0.04
+    assert summary["trailing 3"]["optimism"] < summary["max"]["optimism"] - 0.02

@@ -87,7 +87,7 @@ def test_three_workers_finish_exactly_the_budget(workdir, server_url):
         assert set(files) == {CHECKPOINT, CONFUSION, LEARNING_CURVE, METRICS}
         download_artifact(artifact_store=store, artifact_id=files[METRICS],
                           file_path=str(workdir / "m.json"))
-        assert json.loads((workdir / "m.json").read_text())["macro_f1"] == trial.value
+        assert json.loads((workdir / "m.json").read_text())["value"] == trial.value
         download_artifact(artifact_store=store, artifact_id=files[CHECKPOINT],
                           file_path=str(workdir / "c.pt"))
         assert torch.load(workdir / "c.pt", weights_only=True)["state_dict"]

@@ -58,7 +58,8 @@ def test_run_stores_complete_trials_attributes_and_artifacts(workdir, tiny_data)
         download_artifact(artifact_store=store, artifact_id=files[METRICS],
                           file_path=str(workdir / "m.json"))
         metrics = json.loads((workdir / "m.json").read_text())
-        assert metrics["macro_f1"] == pytest.approx(trial.value)
+        assert metrics["value"] == pytest.approx(trial.value)
+        assert metrics["macro_f1"] == pytest.approx(metrics["history"][metrics["best_epoch"]])
         download_artifact(artifact_store=store, artifact_id=files[CHECKPOINT],
                           file_path=str(workdir / "c.pt"))
         checkpoint = torch.load(workdir / "c.pt", weights_only=True)

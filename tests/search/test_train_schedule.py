@@ -96,3 +96,50 @@ def test_a_resumed_trial_keeps_its_anneal():
 def test_no_plateau_no_anneal():
     _result, epochs = _train(patience=12, epochs=6)
     assert epochs == list(range(6))
+
+
+class _Threshold(nn.Module):
+    """Predicts class 1 where an image's mean brightness exceeds ``cut``; the test moves
+    ``cut`` between epochs (lr 0: training leaves it alone) to script the val curve."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cut = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        brightness = batch["rgb"].mean(dim=(1, 2, 3))
+        logit = 100 * (brightness - self.cut)
+        return torch.stack([torch.zeros_like(logit), logit], dim=1)
+
+
+def _graded_split() -> Split:
+    """Four of class 0 (black) and four of class 1 at brightness 1/4, 2/4, 3/4, 1."""
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    levels = np.array([0, 0, 0, 0, 64, 128, 191, 255], dtype=np.uint8)
+    images = np.broadcast_to(levels[:, None, None, None], (8, 4, 4, 3)).copy()
+    return Split(labels=labels, images={"rgb": images}, rgb_mean=(0.0,) * 3, rgb_std=(1.0,) * 3)
+
+
+@pytest.mark.parametrize(("rule", "kept", "value"), [("max", 1, 1.0), ("smoothed", 5, 0.873)])
+def test_value_rule_picks_the_kept_epoch_and_the_trial_value(rule, kept, value):
+    # Cuts per epoch: all class 0 (macro F1 1/3), a lone perfect epoch, 1/3 again, then
+    # three epochs that find 3 of the 4 (0.873): the lone spike is the max, the plateau
+    # the best trailing mean of 3.
+    cuts = [2.0, 0.1, 2.0, 0.3, 0.3, 0.3]
+    model = _Threshold()
+    settings = TrainConfig(epochs=6, patience=6, warmup_epochs=0, value=rule)
+    params = TrialParams(backbone="b0", fusion="none", dropout=0.0, optimizer="sgd", lr=0.0,
+                         weight_decay=0.0, batch_size=8, label_smoothing=0.0, balance="none")
+
+    def next_cut(epoch: int, _f1: float) -> None:
+        with torch.no_grad():
+            model.cut.fill_(cuts[min(epoch + 1, 5)])
+    with torch.no_grad():
+        model.cut.fill_(cuts[0])
+    result = train(model, _graded_split(), _graded_split(), params=params, settings=settings,
+                   device=CPU, speed=PLAIN, num_classes=2, seed=0, on_epoch=next_cut)
+    assert result.history == pytest.approx([1 / 3, 1.0, 1 / 3, 0.873, 0.873, 0.873], abs=1e-3)
+    assert result.best_epoch == kept
+    assert result.value == pytest.approx(value, abs=1e-3)
+    assert result.best.macro_f1 == pytest.approx(result.history[kept])
+    assert float(result.best_state["cut"]) == pytest.approx(cuts[kept])
