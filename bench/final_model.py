@@ -13,12 +13,15 @@ with everything fitted on validation only (search/bundle/ensemble.py, search/bun
   (the same torch seed as the best trial): a paired comparison whose only difference is EMA;
 * ensembles of the 3 and 5 best trials (greedy weights), without and with the bias;
 
-and the exported bundle's size and onnxruntime's latency per image (batch 1, CPU) for the
-single trial, with TTA, and the ensembles. It also prints the validation estimate of each
-step beside its test effect: cross-fitted for the fitted steps (what export decides on),
-plain validation differences for TTA and EMA (nothing fitted).
+and, for the ``--latency-seeds``, the size of the ONNX graph export writes (weights inside;
+a bundle adds a safetensors copy and model.json) and onnxruntime's latency per image (batch 1,
+CPU) for the single trial, with TTA, and the ensembles (members of weight 0 left out, as
+export does). Bias and EMA change no graph size or speed (bias is one add). It also prints
+the validation estimate of each step beside its test effect: cross-fitted for the fitted
+steps (what export decides on), plain validation differences for TTA and EMA (nothing fitted).
 
-``--workdir`` keeps the studies; a rerun with the same folder reuses every finished search.
+``--workdir`` keeps the studies; a rerun with the same folder reuses every finished search
+and retrain, so only the scoring runs again.
 
     .venv/bin/python -m bench.final_model --study garbage --seeds 0 --n-trials 6 --epochs 8
     .venv/bin/python -m bench.final_model --study apples,garbage --seeds 0,1,2
@@ -36,13 +39,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
-from rich.console import Console
 
+import models
 from bench._searches import mean, print_table, study_config
-from search.bundle.ensemble import Member, export_ensemble, member_probabilities, raw_splits
-from search.bundle.export import TrialModel, export_onnx, export_trial, load_trial_model
-from search.bundle.files import ONNX_FILE
+from search.bundle.ensemble import EnsembleModel, Member, member_probabilities, raw_splits
+from search.bundle.export import Network, TrialModel, export_graph, load_trial_model
 from search.bundle.posthoc import cross_fit, fit_bias, fit_ensemble_weights, macro_f1
 from search.config import StudyConfig
 from search.data.prepared import Split
@@ -68,6 +71,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-off-retrain", action="store_true",
                         help="compare EMA with the best trial itself instead of an EMA-off "
                              "retrain (equal when training is deterministic; see its output)")
+    parser.add_argument("--latency-seeds", default="0",
+                        help="seeds whose graphs are exported and timed (default 0)")
     parser.add_argument("--search-only", action="store_true",
                         help="run (or finish) the searches only: no retrains, no scores")
     parser.add_argument("--workdir", type=Path, help="keep studies here (default: a temp dir)")
@@ -127,10 +132,12 @@ def log(p: np.ndarray) -> np.ndarray:
 
 
 def ensemble_scores(members: list[Member], val_labels: np.ndarray, test_labels: np.ndarray,
-                    ) -> dict[str, tuple[float, str]]:
-    """Test macro F1 of the single/ensemble/bias rows, and the cross-fitted validation gain."""
+                    ) -> tuple[dict[str, tuple[float, str]], dict[int, np.ndarray]]:
+    """Test macro F1 of the single/ensemble/bias rows with the cross-fitted validation gain,
+    and each ensemble's weights by size."""
     k = members[0].val.shape[1]
     out: dict[str, tuple[float, str]] = {}
+    fitted: dict[int, np.ndarray] = {}
     for size in (1, 3, 5):
         chosen = members[:size]
         if len(chosen) < size:
@@ -146,6 +153,7 @@ def ensemble_scores(members: list[Member], val_labels: np.ndarray, test_labels: 
                              np.tensordot(fit_ensemble_weights(v[:, f], val_labels[f]), v[:, a],
                                           axes=1)).gain
             note = f"{gain:+.3f} ({int((weights > 0).sum())} kept)"
+            fitted[size] = weights
         blend_val = log(np.tensordot(weights, val, axes=1))
         blend_test = log(np.tensordot(weights, test, axes=1))
         out[name] = (macro_f1(test_labels, blend_test, k), note)
@@ -154,7 +162,7 @@ def ensemble_scores(members: list[Member], val_labels: np.ndarray, test_labels: 
                               blend_val: b[a] + fit_bias(b[f], val_labels[f])).gain
         out[f"{name} + bias" if size > 1 else "+ bias"] = (
             macro_f1(test_labels, blend_test + bias, k), f"{bias_gain:+.3f}")
-    return out
+    return out, fitted
 
 
 def with_tta(config: StudyConfig, trained: TrialModel) -> TrialModel:
@@ -189,16 +197,30 @@ def latency_ms(onnx: Path, runs: int = 30) -> float:
     return 1000 * float(np.median(times))
 
 
-def size_ms(bundle: Path) -> str:
-    mb = sum(p.stat().st_size for p in bundle.iterdir()) / 1e6
-    return f"{mb:.1f} / {latency_ms(bundle / ONNX_FILE):.1f}"
+def graph_size_ms(model: Network | EnsembleModel, example: dict[str, torch.Tensor],
+                  path: Path) -> str:
+    """The ONNX graph as export writes it (weights inside): its MB and ms per image."""
+    export_graph(model, example, path)
+    return f"{path.stat().st_size / 1e6:.1f} / {latency_ms(path):.1f}"
+
+
+def ensemble_graph(members: list[Member], weights: np.ndarray,
+                   ) -> tuple[EnsembleModel, dict[str, torch.Tensor]]:
+    """The graph ``search export --ensemble`` builds: members of weight 0 left out."""
+    kept = [members[i].trained for i, w in enumerate(weights) if w > 0]
+    model = EnsembleModel([t.model for t in kept], [t.preprocess["rgb"] for t in kept],
+                          [float(w) for w in weights if w > 0])
+    example: dict[str, torch.Tensor] = {}
+    for member in kept:
+        example.update(models.example_inputs(member.spec, batch_size=2))
+    return model, {n: example[n] for n in model.input_names}
 
 
 def main() -> None:
     args = parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    quiet = Console(quiet=True)
+    latency_seeds = {int(s) for s in args.latency_seeds.split(",") if s}
     lines: list[list[str]] = []
     gains: list[list[str]] = []
     per_row: dict[str, dict[str, list[float]]] = {}
@@ -231,7 +253,7 @@ def main() -> None:
                 val, test = raw_splits(config, trained)
                 members = [Member(t, member_probabilities(t, val), member_probabilities(t, test))
                            for t in trained]
-                result = ensemble_scores(members, val.labels, test.labels)
+                result, weights = ensemble_scores(members, val.labels, test.labels)
                 # TTA and EMA fit nothing: their validation difference is the estimate.
                 plain_val = macro_f1(val.labels, log(members[0].val), len(trained[0].classes))
                 tta_model = with_tta(config, trained[0])
@@ -250,19 +272,16 @@ def main() -> None:
                 for row, (f1, _) in result.items():
                     per_row.setdefault(name, {}).setdefault(row, []).append(f1)
 
-                storage = config.storage_url()
-                folder = workdir / f"{name}-{seed}"
-                export_trial(config, storage, folder / "single", console=quiet)
-                tta_onnx = folder / "tta.onnx"
-                export_onnx(tta_model, tta_onnx)
-                sizes = [size_ms(folder / "single"), f"{latency_ms(tta_onnx):.1f}"]
-                for size in (3, 5):
-                    if len(members) >= size:
-                        export_ensemble(config, storage, folder / f"ens{size}", size=size,
-                                        console=quiet)
-                        sizes.append(size_ms(folder / f"ens{size}"))
-                    else:
-                        sizes.append("-")
+                sizes = ["-"] * 4
+                if seed in latency_seeds:  # each export takes minutes on a loaded CPU
+                    folder = workdir / f"{name}-{seed}"
+                    example = models.example_inputs(trained[0].spec, batch_size=2)
+                    sizes = [graph_size_ms(trained[0].model, example, folder / "single.onnx"),
+                             graph_size_ms(tta_model.model, example, folder / "tta.onnx")]
+                    for size in (3, 5):
+                        sizes.append(graph_size_ms(*ensemble_graph(members, weights[size]),
+                                                   folder / f"ens{size}.onnx")
+                                     if size in weights else "-")
                 lines.append([name, str(seed), f"{len(finished)} ({len(complete)})",
                               *(f"{result[r][0]:.3f}" if r in result else "-" for r in ROWS),
                               *sizes])
@@ -276,10 +295,10 @@ def main() -> None:
                       flush=True)
     if args.search_only:
         return
-    print("\ntest macro F1 (trials run (complete); bundle MB / onnxruntime ms per image, "
-          "batch 1; TTA: ms, the single bundle's MB):")
-    print_table(["study", "seed", "trials", *ROWS, "single MB / ms", "TTA ms", "ens3 MB / ms",
-                 "ens5 MB / ms"], lines)
+    print("\ntest macro F1 (trials run (complete); ONNX graph MB / onnxruntime ms per image, "
+          "batch 1):")
+    print_table(["study", "seed", "trials", *ROWS, "single MB / ms", "TTA MB / ms",
+                 "ens3 MB / ms", "ens5 MB / ms"], lines)
     print("\nvalidation estimate of each step: cross-fitted gain for bias and ensembles (what "
           "export decides on), plain val difference for TTA (vs single best) and EMA (vs "
           "EMA off):")
