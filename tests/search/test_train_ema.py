@@ -35,6 +35,22 @@ def test_the_average_follows_timms_warmup_schedule():
     assert model.weight.item() == 4.0 and ema.module.weight.item() < 3.7  # it lags behind
 
 
+def test_batch_norm_statistics_follow_the_model_while_the_weights_are_averaged():
+    # Averaging the running statistics again lagged them behind the averaged weights: an
+    # averaged b0 scored 0.82 where the raw model and this rule score 1.00 (make_ema).
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = make_ema(model, 0.99)
+    for step in range(3):
+        model.train()
+        model(torch.randn(8, 2) * (step + 1) + step)  # moves the running statistics
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        ema.update_parameters(model)
+    assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
+    assert torch.equal(ema.module[1].running_var, model[1].running_var)
+    assert not torch.equal(ema.module[0].weight, model[0].weight)  # still an average
+
+
 class _Linear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
