@@ -16,6 +16,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import BaseHeartbeat  # private: optuna<6 in pyproject.toml
 from optuna.trial import FrozenTrial, TrialState
 
@@ -37,11 +38,13 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
         retrying(storage.set_trial_user_attr, trial._trial_id, INTERRUPTED, reason)
     except RuntimeError:  # finished between our read and this write
         return False
-    retrying(study.tell, trial.number, state=TrialState.FAIL, skip_if_finished=True)
-    failed = retrying(storage.get_trial, trial._trial_id)
-    if failed.state != TrialState.FAIL or failed.user_attrs.get(INTERRUPTED) != reason:
-        return False  # it completed or was pruned before our FAIL landed
-    queue_copy(study, failed)
+    try:
+        retrying(storage.set_trial_state_values, trial._trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        # Finished meanwhile: by its worker, or failed as stale by another worker, whose
+        # heartbeat callback queued the copy already (a second copy would overrun the budget).
+        return False
+    queue_copy(study, retrying(storage.get_trial, trial._trial_id))
     return True
 
 
