@@ -36,7 +36,6 @@ from optuna.trial import FrozenTrial
 from search.config import HeartbeatConfig
 from search.errors import StorageError, UserError
 from search.study.budget import StudyLock, budget_state, queue_start_points, top_up
-from search.study.requeue import queue_missing_copies
 from search.study.storage import (
     BEAT_KEY,
     ResilientRDBStorage,
@@ -205,7 +204,7 @@ def coordinate(storage: BaseStorage, rdb: ResilientRDBStorage, storage_url: str,
 
 def tend(study: optuna.Study, rdb: ResilientRDBStorage, lock: StudyLock, n_trials: int) -> None:
     """One round of what direct workers do between trials: fail stale trials (their copies
-    are queued by the retry callback), queue missing copies and start points, top up."""
+    are queued by the retry callback), queue the start points, top up."""
     state = budget_state(study, n_trials)
     if state.spent and state.running == 0:
         return
@@ -216,9 +215,6 @@ def tend(study: optuna.Study, rdb: ResilientRDBStorage, lock: StudyLock, n_trial
     optuna.storages.fail_stale_trials(study)
     lock.acquire()
     try:
-        for number in queue_missing_copies(study, grace_s):
-            logger.warning("study %r: queued the missing copy of trial %d", study.study_name,
-                           number)
         points: Sequence[dict] = study.user_attrs.get(START_POINTS_ATTR, ())
         queue_start_points(study, list(points), n_trials)
         top_up(study, n_trials)

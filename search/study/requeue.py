@@ -13,8 +13,6 @@ failure counts tell them apart.
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import BaseHeartbeat  # private: optuna<6 in pyproject.toml
@@ -58,27 +56,6 @@ def queue_copy(study: optuna.Study, failed: FrozenTrial) -> None:
     callback = storage.get_heartbeat_stale_trial_callback()
     if callback is not None:  # the same copy a stale heartbeat gets; max_retry applies
         retrying(callback, study, failed)
-
-
-def queue_missing_copies(study: optuna.Study, grace_s: float) -> list[int]:
-    """Queue the copy of each trial that was interrupted but whose copy never arrived.
-
-    The interrupting side fails the trial first and queues its copy right after; if it dies
-    in between (a second signal, a SIGKILL at the end of the grace period), the trial would
-    be lost. A worker calls this under the study lock before it tops the budget up, so the
-    copy takes the slot a fresh trial would. Trials failed within ``grace_s`` are left to
-    the side still queueing their copy. Returns the numbers of the trials queued again.
-    """
-    trials = retrying(study.get_trials, deepcopy=False)
-    have_copy = requeued_numbers(trials)
-    now = datetime.now()
-    missing = [t for t in trials
-               if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED)
-               and t.number not in have_copy and t.datetime_complete is not None
-               and (now - t.datetime_complete).total_seconds() > grace_s]
-    for trial in missing:
-        queue_copy(study, trial)
-    return [t.number for t in missing]
 
 
 def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:

@@ -23,7 +23,7 @@ from search.launch.placement import slurm_attrs
 from search.study.budget import StudyLock, budget_state, top_up
 from search.study.open import open_study, with_study_artifacts_dir
 from search.study.proxy import NoWaitingTrial, is_proxy_url
-from search.study.requeue import INTERRUPTED, queue_copy, queue_missing_copies
+from search.study.requeue import INTERRUPTED, queue_copy
 from search.study.storage import StorageLostError, interruptible, retrying
 from search.trial.artifacts import create_artifact_store
 from search.trial.objective import Objective, check_pretrained, pick_device
@@ -76,7 +76,7 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     previous = _raise_on_sigterm()
     try:
         while deadline is None or time.monotonic() < deadline:
-            if not _claim_slot(study, lock, n_trials, config.heartbeat.grace_s):
+            if not _claim_slot(study, lock, n_trials):
                 if budget_state(study, n_trials).spent:
                     break
                 # Every remaining slot runs elsewhere; one may still fail and come back.
@@ -143,13 +143,11 @@ def _nothing() -> None:
     pass
 
 
-def _claim_slot(study: optuna.Study, lock: StudyLock | None, n_trials: int,
-                grace_s: float) -> bool:
+def _claim_slot(study: optuna.Study, lock: StudyLock | None, n_trials: int) -> bool:
     """Take the lock if a WAITING trial is ready for us (queueing one if the budget allows).
 
     The lock stays held until the objective starts, i.e. until ``ask()`` has popped the
-    waiting trial, so two workers never race for the last slot. An interrupted trial whose
-    copy is missing gets it first (``grace_s``: see :func:`queue_missing_copies`). Without a
+    waiting trial, so two workers never race for the last slot. Without a
     lock (behind the proxy) a worker only looks for a trial to pop; ``ask()`` refuses to
     make one if another worker popped it first.
     """
@@ -157,9 +155,6 @@ def _claim_slot(study: optuna.Study, lock: StudyLock | None, n_trials: int,
         state = budget_state(study, n_trials)
         return not state.spent and state.waiting > 0
     lock.acquire()
-    for number in queue_missing_copies(study, grace_s):
-        logger.warning("trial %d was interrupted but its copy never got queued; queued it now",
-                       number)
     state = budget_state(study, n_trials)
     if state.spent or (state.waiting == 0 and top_up(study, n_trials) == 0):
         lock.release()
