@@ -25,6 +25,7 @@ from search.errors import StorageError
 from search.study.proxy import TEND_S, ProxyStorage, parse_proxy_url
 from search.study.storage import get_storage
 from tests.db.conftest import _free_port, logs, start_worker, stop_all, tiny_study, wait_all
+from tests.db.test_workers import wait_for_trial
 
 FINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -108,11 +109,11 @@ def test_a_killed_worker_behind_the_proxy_is_failed_and_its_trial_resumed(workdi
     workers = [start_worker(study_file, proxy_url, n_trials=1, index=i, workdir=workdir)
                for i in range(2)]
     try:
-        victim = wait_for(postgres_db.url, lambda t: t.state == TrialState.RUNNING
+        victim = wait_for_trial(postgres_db.url, lambda t: t.state == TrialState.RUNNING
                           and "worker_pid" in t.user_attrs and len(t.intermediate_values) >= 2)
         os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
         killed_at = time.monotonic()
-        wait_for(postgres_db.url, lambda t: t.number == victim.number
+        wait_for_trial(postgres_db.url, lambda t: t.number == victim.number
                  and t.state == TrialState.FAIL, timeout_s=60)
         failed_after = time.monotonic() - killed_at
         codes = wait_all(workers, timeout_s=180)
@@ -131,20 +132,6 @@ def test_a_killed_worker_behind_the_proxy_is_failed_and_its_trial_resumed(workdi
     assert retry.user_attrs["epochs_run"] < len(retry.intermediate_values)
 
 
-def wait_for(url: str, ready, timeout_s: float = 180) -> optuna.trial.FrozenTrial:
-    """Poll the study in the database until a trial satisfies ``ready``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            for trial in load(url).get_trials():
-                if ready(trial):
-                    return trial
-        except KeyError:
-            pass  # no worker has created the study yet
-        time.sleep(0.2)
-    pytest.fail(f"no trial became ready within {timeout_s:.0f} s")
-
-
 @pytest.mark.db
 @pytest.mark.slow
 def test_a_preempted_worker_behind_the_proxy_queues_its_copy_and_exits_75(workdir, postgres_db):
@@ -153,7 +140,7 @@ def test_a_preempted_worker_behind_the_proxy_queues_its_copy_and_exits_75(workdi
     proxy, proxy_url = start_proxy(postgres_db.url, workdir)
     first = start_worker(study_file, proxy_url, n_trials=1, index=0, workdir=workdir)
     try:
-        victim = wait_for(postgres_db.url, lambda t: t.state == TrialState.RUNNING
+        victim = wait_for_trial(postgres_db.url, lambda t: t.state == TrialState.RUNNING
                           and len(t.intermediate_values) >= 2)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 75, logs(workdir)  # "restart me"
