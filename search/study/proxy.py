@@ -29,13 +29,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, GrpcStorageProxy, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, GrpcStorageProxy
 from optuna.storages._heartbeat import BaseHeartbeat  # private: optuna<6 in pyproject.toml
 from optuna.trial import FrozenTrial
 
 from search.config import HeartbeatConfig
 from search.errors import StorageError, UserError
 from search.study.budget import StudyLock, budget_state, queue_start_points, top_up
+from search.study.requeue import CopyOnce
 from search.study.storage import (
     BEAT_KEY,
     ResilientRDBStorage,
@@ -85,7 +86,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
     Stale trials are found by the proxy's coordinator (it reads the heartbeat rows), so
     :meth:`_get_stale_trial_ids` finds none here. The stale-trial callback is the one
     :func:`~search.study.storage.get_storage` sets: a preempted worker queues its trial's
-    resuming copy through it (:func:`~search.study.requeue.queue_copy`).
+    resuming copy through it (:func:`~search.study.requeue.mark_and_copy`).
     """
 
     def __init__(self, url: str, *, heartbeat: HeartbeatConfig | None = None) -> None:
@@ -114,8 +115,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         return self._heartbeat.interval_s
 
     def get_heartbeat_stale_trial_callback(self) -> Any:
-        return RetryHeartbeatStaleTrialCallback(max_retry=self._heartbeat.max_retry,
-                                                inherit_intermediate_values=True)
+        return CopyOnce(max_retry=self._heartbeat.max_retry, inherit_intermediate_values=True)
 
 
 def open_proxy(url: str, *, heartbeat: HeartbeatConfig | None = None,
@@ -212,9 +212,11 @@ def tend(study: optuna.Study, rdb: ResilientRDBStorage, lock: StudyLock, n_trial
     # The study's own grace period; only this thread reads it (the gRPC threads never ask
     # for stale trials), so setting it per study is safe.
     rdb.grace_period = grace_s
-    optuna.storages.fail_stale_trials(study)
     lock.acquire()
     try:
+        # Under the lock, like a direct worker's sweep: a top-up never sees a failed trial
+        # whose copy is not queued yet.
+        optuna.storages.fail_stale_trials(study)
         points: Sequence[dict] = study.user_attrs.get(START_POINTS_ATTR, ())
         queue_start_points(study, list(points), n_trials)
         top_up(study, n_trials)

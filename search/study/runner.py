@@ -26,7 +26,9 @@ from rich.live import Live
 from search.config import StudyConfig
 from search.data.prepared import prepare_data
 from search.errors import WorkersFailedError
+from search.study.budget import StudyLock
 from search.study.open import open_study
+from search.study.proxy import is_proxy_url
 from search.study.report import best_trials_table, failures, progress
 from search.study.storage import interruptible, retrying
 from search.study.supervisor import Supervisor
@@ -94,9 +96,10 @@ def _run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                               for p in plans if p.gpu is not None) if plans[0].gpu is not None
                      else f"CPU ({plans[0].threads} threads each)")
                   + f"; logs in {config.run_dir / 'logs'}")
+    lock = None if is_proxy_url(storage_url) else StudyLock(storage_url, config.name)
     supervisor = Supervisor(
         study, n_trials, lambda index: _start_worker(config, storage_url, n_trials, plans[index]),
-        len(plans), max_restarts=config.study.max_worker_restarts, console=console)
+        len(plans), max_restarts=config.study.max_worker_restarts, console=console, lock=lock)
     try:
         _watch(study, n_trials, supervisor, console)
     except KeyboardInterrupt:
@@ -111,6 +114,9 @@ def _run_study(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                           "the next run's heartbeat check")
         console.print(f"run `search run --study {config.source}` to continue")
         raise
+    finally:
+        if lock is not None:
+            lock.close()
     processes = supervisor.processes
     _fail_orphans(study, processes)
     _report_worker_errors(processes, config, console)

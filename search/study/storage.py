@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import optuna
 import sqlalchemy
 import tenacity
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
@@ -372,6 +371,9 @@ def get_storage(url: str, *, heartbeat: HeartbeatConfig | None = None,
     Raises:
         StorageError: The database cannot be reached or opened.
     """
+    # Here, not at the top: requeue builds on this module's retries.
+    from search.study.requeue import CopyOnce
+
     heartbeat = heartbeat or HeartbeatConfig()
     full_url = normalize_url(url)
     if full_url.startswith("sqlite:///"):
@@ -383,7 +385,7 @@ def get_storage(url: str, *, heartbeat: HeartbeatConfig | None = None,
             engine_kwargs=engine_kwargs(full_url),
             heartbeat_interval=heartbeat.interval_s,
             grace_period=heartbeat.grace_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            heartbeat_stale_trial_callback=CopyOnce(
                 max_retry=heartbeat.max_retry, inherit_intermediate_values=True
             ),
         )

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from search.errors import Preempted
-from search.study.budget import budget_state
+from search.study.budget import StudyLock, budget_state
 from search.study.requeue import requeue
 from search.study.storage import retrying
 
@@ -61,11 +61,15 @@ class Supervisor:
         start: ``start(index) -> Popen`` starts worker ``index``.
         max_restarts: Restarts allowed per worker.
         console: Where a restart is announced.
+        lock: The workers' study lock (none behind the gRPC proxy). Requeues run under it,
+            as the workers' stale-trial sweeps do, so a dead trial gets one copy.
     """
 
     def __init__(self, study: optuna.Study, n_trials: int, start: Callable[[int], subprocess.Popen],
-                 count: int, *, max_restarts: int, console: Console) -> None:
+                 count: int, *, max_restarts: int, console: Console,
+                 lock: StudyLock | None = None) -> None:
         self.study = study
+        self.lock = lock
         self.n_trials = n_trials
         self._start = start
         self.max_restarts = max_restarts
@@ -87,7 +91,7 @@ class Supervisor:
                 slot.finished = True
                 continue
             what = f"worker {slot.index} (pid {slot.process.pid}) {describe_exit(code)}"
-            requeued = requeue_orphans(self.study, slot.process.pid, what)
+            requeued = self._requeue_orphans(slot.process.pid, what)
             spent = retrying(budget_state, self.study, self.n_trials).spent
             if code == Preempted.exit_code and not spent:
                 # It requeued its own trial and asked to be restarted; that is no crash.
@@ -107,6 +111,15 @@ class Supervisor:
         # A slot is finished only once its exit was handled above, so a worker that dies
         # right after this loop is still handled on the next call.
         return not all(slot.finished for slot in self.slots)
+
+    def _requeue_orphans(self, pid: int, reason: str) -> int:
+        if self.lock is None:
+            return requeue_orphans(self.study, pid, reason)
+        self.lock.acquire()
+        try:
+            return requeue_orphans(self.study, pid, reason)
+        finally:
+            self.lock.release()
 
 
 def requeue_orphans(study: optuna.Study, pid: int, reason: str) -> int:

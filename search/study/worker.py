@@ -23,7 +23,6 @@ from search.launch.placement import slurm_attrs
 from search.study.budget import StudyLock, budget_state, top_up
 from search.study.open import open_study, with_study_artifacts_dir
 from search.study.proxy import NoWaitingTrial, is_proxy_url
-from search.study.requeue import INTERRUPTED, queue_copy
 from search.study.storage import StorageLostError, interruptible, retrying
 from search.trial.artifacts import create_artifact_store
 from search.trial.objective import Objective, check_pretrained, pick_device
@@ -79,8 +78,8 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
             if not _claim_slot(study, lock, n_trials):
                 if budget_state(study, n_trials).spent:
                     break
-                # Every remaining slot runs elsewhere; one may still fail and come back.
-                optuna.storages.fail_stale_trials(study)
+                # Every remaining slot runs elsewhere; one may still fail and come back
+                # (_claim_slot sweeps stale trials on every call).
                 time.sleep(POLL_S)
                 continue
             started.clear()
@@ -89,9 +88,6 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
                                catch=(Exception,))
             except NoWaitingTrial:
                 continue  # another worker popped the last waiting trial first
-            except Preempted:
-                _requeue_preempted(study, started)
-                raise
             except Exception as error:
                 if isinstance(error, StorageLostError) or not _taken_over(study, started):
                     raise
@@ -128,17 +124,6 @@ def _raise_on_sigterm():
     return signal.signal(signal.SIGTERM, preempt)
 
 
-def _requeue_preempted(study: optuna.Study, started: list[int]) -> None:
-    """Queue the resuming copy of the trial that SIGTERM interrupted (already FAIL)."""
-    if not started:
-        return  # preempted between trials: nothing was running
-    trial = retrying(study.get_trials, deepcopy=False)[started[-1]]
-    if trial.state == TrialState.FAIL and trial.user_attrs.get(INTERRUPTED):
-        queue_copy(study, trial)
-        logger.warning("trial %d preempted; queued a copy that resumes from its last epoch",
-                       trial.number)
-
-
 def _nothing() -> None:
     pass
 
@@ -155,6 +140,8 @@ def _claim_slot(study: optuna.Study, lock: StudyLock | None, n_trials: int) -> b
         state = budget_state(study, n_trials)
         return not state.spent and state.waiting > 0
     lock.acquire()
+    # Under the lock: a failed stale trial's copy is queued before anyone counts the budget.
+    optuna.storages.fail_stale_trials(study)
     state = budget_state(study, n_trials)
     if state.spent or (state.waiting == 0 and top_up(study, n_trials) == 0):
         lock.release()

@@ -23,7 +23,7 @@ from search.config import StudyConfig, TrainConfig, weights_file
 from search.data.decode import Preprocess
 from search.data.prepared import PreparedData
 from search.errors import ConfigError, Preempted, UserError
-from search.study.requeue import INTERRUPTED
+from search.study.requeue import INTERRUPTED, mark_and_copy
 from search.study.storage import retrying
 from search.trial.artifacts import trial_note, upload_trial_artifacts
 from search.trial.train import Speedups, TrialParams, train
@@ -175,8 +175,9 @@ class Objective:
             remove_resume(self._resume_path(trial))
             raise
         except Preempted:
-            # Keep the resume file: the worker queues a copy that continues from it.
-            retrying(trial.set_user_attr, INTERRUPTED, "preempted (SIGTERM)")
+            # Keep the resume file: the copy queued here continues from it. Queued before
+            # Optuna fails this trial, so the budget never lacks it (search.study.requeue).
+            mark_and_copy(trial.study, trial._trial_id, "preempted (SIGTERM)")
             raise
         except KeyboardInterrupt:
             # Ctrl-C fails the trial for good (no heartbeat retry), so nothing will resume it.

@@ -202,9 +202,10 @@ def check_study(workdir: Path, name: str, url: str) -> int:
     """Assert that nothing of study ``name`` was lost; returns its resumed trials."""
     trials = read_trials(url, name)
     states = [t.state for t in trials]
-    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
+    table = describe(trials)  # what a failure needs to be understood without a rerun
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, table
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(done) == N_TRIALS[name], states
+    assert len(done) == N_TRIALS[name], table
     # Each failure is either a requeue (killed, or failed as stale: a copy carries on) or
     # a trial that could not write to the full disk; anything else is a bug or a lost trial.
     requeued = requeued_numbers(trials)
@@ -237,6 +238,20 @@ def check_study(workdir: Path, name: str, url: str) -> int:
     assert not [p for p in (artifacts / "resume").rglob("*") if p.is_file()], \
         "resume files left behind"
     return sum(t.state.is_finished() and t.state != TrialState.FAIL for t in copies)
+
+
+def describe(trials: list[FrozenTrial]) -> str:
+    """One line per trial: state, times, who ran it, why it ended, what it copies."""
+    def when(moment) -> str:
+        return moment.strftime("%H:%M:%S.%f")[:-3] if moment else "-"
+
+    return "\n".join(
+        f"#{t.number} {t.state.name} {when(t.datetime_start)}-{when(t.datetime_complete)} "
+        f"pid={t.user_attrs.get('worker_pid')} epochs={sorted(t.intermediate_values)} "
+        f"interrupted={t.user_attrs.get('interrupted')!r} "
+        f"resumed_after={t.user_attrs.get('resumed_after')!r} "
+        f"fail_reason={t.user_attrs.get('fail_reason')!r} "
+        f"retry_history={t.system_attrs.get('retry_history')}" for t in trials)
 
 
 def download(store, storage, trial: FrozenTrial, filename: str, folder: Path) -> Path:
