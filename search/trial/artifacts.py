@@ -8,8 +8,11 @@ the model spec, the weights, the class names and the preprocessing.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 import numpy as np
@@ -27,10 +30,32 @@ LEARNING_CURVE = "learning_curve.png"
 METRICS = "metrics.json"
 
 
+class AtomicArtifactStore(FileSystemArtifactStore):
+    """Optuna's file-system artifact store, whose files appear whole or not at all.
+
+    Optuna records an artifact before it writes the file, and writes it in place: a full
+    disk or a killed worker left a truncated checkpoint that export would later choke on.
+    Here the bytes go to a temporary file beside it, flushed to disk, then renamed.
+    """
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        path = Path(self._get_filepath(artifact_id))  # private: optuna<6 in pyproject.toml
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as file:
+                shutil.copyfileobj(content_body, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
 def create_artifact_store(folder: Path) -> FileSystemArtifactStore:
     """The file-system artifact store under ``folder`` (created if missing)."""
     folder.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(folder))
+    return AtomicArtifactStore(str(folder))
 
 
 def confusion_png(path: Path, confusion: list[list[int]], classes: list[str],
