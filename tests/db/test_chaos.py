@@ -158,6 +158,8 @@ class Chaos:
         it (Python ignores SIGXFSZ, so a write past the limit fails with EFBIG); a worker
         killed meanwhile takes its limit along, and the next one gets it."""
         limited = None
+        # The soft limit only: raising a hard limit back needs CAP_SYS_RESOURCE.
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         try:
             while time.monotonic() < deadline and not self.no_space_failures():
                 if limited is None or not alive(limited):
@@ -168,13 +170,12 @@ class Chaos:
                     if limited is not None:
                         with contextlib.suppress(ProcessLookupError):
                             resource.prlimit(limited, resource.RLIMIT_FSIZE,
-                                             (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+                                             (FILE_SIZE_LIMIT, hard))
                 time.sleep(0.5)
         finally:
             if limited is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
-                    resource.prlimit(limited, resource.RLIMIT_FSIZE, unlimited)
+                    resource.prlimit(limited, resource.RLIMIT_FSIZE, (soft, hard))
 
     def no_space_failures(self) -> list[FrozenTrial]:
         # The resume file (its write error is torch's, which may not name the cause) or
