@@ -53,16 +53,25 @@ class SearchRun:
         return max(complete, default=float("nan"))
 
     @property
+    def best_peak(self) -> float:
+        """The best single epoch's val F1 of any COMPLETE trial: the one statistic every
+        search reports alike (ours values a trial by a trailing mean, the plain search by
+        its best epoch, so their values are not comparable)."""
+        return max((peak(t) for t in self.finished if t.state == TrialState.COMPLETE),
+                   default=float("nan"))
+
+    @property
     def epochs(self) -> int:
         """Training epochs run by all trials (each reported one validation score)."""
         return sum(len(t.intermediate_values) for t in self.finished)
 
     def reached(self, target: float) -> tuple[float, int] | None:
-        """Seconds and epochs until a COMPLETE trial first scored ``target`` or better."""
+        """Seconds and epochs until a COMPLETE trial first had an epoch at ``target`` val F1
+        or better (counted when that trial ends)."""
         epochs = 0
         for trial in self.finished:
             epochs += len(trial.intermediate_values)
-            if trial.state == TrialState.COMPLETE and trial.value >= target:
+            if trial.state == TrialState.COMPLETE and peak(trial) >= target:
                 return (trial.datetime_complete - self.started).total_seconds(), epochs
         return None
 
@@ -75,6 +84,11 @@ class SearchRun:
                           speed=pick_speedups(self.config, device),
                           num_classes=len(trained.classes))
         return scores.macro_f1, dict(zip(trained.classes, scores.per_class_f1, strict=True))
+
+
+def peak(trial: FrozenTrial) -> float:
+    """A trial's best epoch val F1."""
+    return max(trial.intermediate_values.values(), default=float("nan"))
 
 
 def study_config(study_file: str, workdir: Path, label: str, /, **overrides: Any) -> StudyConfig:
