@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -28,6 +29,9 @@ from search.study.worker import WorkerOptions, run_worker
 from search.trial.artifacts import create_artifact_store
 from search.trial.objective import Objective, pick_device, pick_speedups
 from search.trial.train import evaluate
+
+# As `search` itself does (search/cli.py): Optuna flags the heartbeat API as experimental.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass
