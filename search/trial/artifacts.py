@@ -35,7 +35,9 @@ class AtomicArtifactStore(FileSystemArtifactStore):
 
     Optuna records an artifact before it writes the file, and writes it in place: a full
     disk or a killed worker left a truncated checkpoint that export would later choke on.
-    Here the bytes go to a temporary file beside it, flushed to disk, then renamed.
+    Here the bytes go to a hidden temporary file beside it, flushed to disk, then renamed; a
+    failed write removes it (only a SIGKILL mid-write can leave one, named ``.*.partial``).
+    Either way the artifact is missing, not corrupt, and its trial is FAIL.
     """
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
