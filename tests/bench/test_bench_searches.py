@@ -131,6 +131,17 @@ def test_replay_stops_early_prunes_and_times_the_target():
     assert (seconds, epochs, reached) == (3.0, 2, None) and best != best
 
 
+def test_replay_can_show_the_pruner_trailing_means():
+    from bench.replay_pruners import Curve, replay
+
+    dip = [Curve([0.6, 0.7, 0.3, 0.9], 1.0)]  # one bad epoch in a good curve
+    floor = optuna.pruners.ThresholdPruner(lower=0.5)
+    seconds, epochs, best, reached = replay(dip, floor, 10**6, 0.9)
+    assert (seconds, epochs, reached) == (3.0, 3, None) and best != best  # pruned at the dip
+    # Its trailing mean at the dip is (0.6 + 0.7 + 0.3) / 3 = 0.53: kept, and it reaches 0.9.
+    assert replay(dip, floor, 10**6, 0.9, smooth=True) == (4.0, 4, 0.9, 4.0)
+
+
 def test_summary_averages_the_seeds_that_reached_and_counts_the_misses():
     nan = float("nan")
     line = summary("ours", [(0.2, 0.1, 0.01), (0.6, 0.5, -0.02), (nan, nan, 0.0)], 3)
