@@ -71,24 +71,26 @@ def test_reached_counts_seconds_and_epochs_until_a_complete_trial_hits_the_targe
     study = optuna.create_study(direction="maximize")
     lr = FloatDistribution(1e-3, 1e-1)
 
-    def add(state, value, epochs, end_s):
+    def add(state, value, curve, end_s):
         study.add_trial(FrozenTrial(
             number=0, trial_id=0, state=state, value=value, params={"lr": 0.01},
             distributions={"lr": lr}, user_attrs={}, system_attrs={},
-            intermediate_values={e: 0.99 for e in range(epochs)},
+            intermediate_values=dict(enumerate(curve)),
             datetime_start=start, datetime_complete=start + timedelta(seconds=end_s)))
 
-    add(TrialState.COMPLETE, 0.5, 4, 10)
-    add(TrialState.PRUNED, None, 2, 15)  # a pruned trial's intermediate values do not count
-    add(TrialState.COMPLETE, 0.8, 3, 30)
-    add(TrialState.COMPLETE, 0.9, 5, 20)  # finished before the 0.8 one
+    # Values below the best epoch, as trailing means are (value = "smoothed").
+    add(TrialState.COMPLETE, 0.5, [0.2, 0.3, 0.4, 0.6], 10)
+    add(TrialState.PRUNED, None, [0.1, 0.99], 15)  # a pruned trial's epochs do not count
+    add(TrialState.COMPLETE, 0.8, [0.5, 0.8, 0.8], 30)
+    add(TrialState.COMPLETE, 0.85, [0.1, 0.2, 0.3, 0.9, 0.85], 20)  # finished before 0.8
     run = SearchRun("x", None, study, start, 40.0)
     assert run.epochs == 14
-    assert run.best_value == 0.9
-    assert run.reached(0.85) == (20.0, 11)
+    assert run.best_value == 0.85 and run.best_peak == 0.9
+    # Reached by a trial's best epoch, the statistic the plain search's values are.
+    assert run.reached(0.88) == (20.0, 11)
     assert run.reached(0.7) == (20.0, 11)
-    assert run.reached(0.5) == (10.0, 4)
-    assert run.reached(0.95) is None
+    assert run.reached(0.6) == (10.0, 4)
+    assert run.reached(0.95) is None  # only the pruned trial had such an epoch
 
 
 @pytest.mark.slow
