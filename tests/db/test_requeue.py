@@ -17,6 +17,9 @@ from search.study.requeue import INTERRUPTED, queue_copy, requeue, requeued_numb
 from search.study.storage import get_storage
 
 BEATS = HeartbeatConfig(interval_s=1, grace_s=1)
+# Until the trial's one heartbeat is stale: SQLite and MariaDB keep whole seconds, so a beat
+# at 10.1 s reads "10" and the time 1.5 s later "11", which is within a 1 s grace.
+STALE_AFTER_S = BEATS.grace_s + 2.5
 
 
 def running_trial(storage_url: str, name: str) -> tuple[optuna.Study, optuna.trial.FrozenTrial]:
@@ -37,7 +40,7 @@ def test_a_trial_requeued_by_two_processes_gets_one_copy(storage_url):
     """``search run``'s supervisor and another worker's stale-heartbeat sweep both notice the
     same dead trial; a retried copy whose insert did land is asked for twice."""
     study, trial = running_trial(storage_url, "twice")
-    time.sleep(BEATS.grace_s + 0.5)  # the killed worker's heartbeat is stale by now
+    time.sleep(STALE_AFTER_S)  # the killed worker's heartbeat is stale by now
     assert requeue(study, trial, "killed by SIGKILL")
     optuna.storages.fail_stale_trials(study)  # the other worker's sweep comes second
     queue_copy(study, study.get_trials()[0])  # a retry after a lost acknowledgement
@@ -47,7 +50,7 @@ def test_a_trial_requeued_by_two_processes_gets_one_copy(storage_url):
     assert copy.user_attrs[INTERRUPTED] == "killed by SIGKILL"
 
     study, trial = running_trial(storage_url, "sweep-first")
-    time.sleep(BEATS.grace_s + 0.5)
+    time.sleep(STALE_AFTER_S)
     optuna.storages.fail_stale_trials(study)  # the sweep comes first this time
     assert not requeue(study, trial, "killed by SIGKILL")
     assert states(study) == [TrialState.FAIL, TrialState.WAITING]
