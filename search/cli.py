@@ -107,6 +107,9 @@ def worker(
     n_trials: WorkerTrialsOption = None,
     worker_index: Annotated[int, typer.Option(min=0, help="Seeds this worker's sampler.")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for PyTorch.")] = None,
+    wait_for_storage: Annotated[float, typer.Option(
+        min=0, help="Seconds to wait for a database that refuses connections at start "
+                    "(search run and the launchers set it; 0: fail at once).")] = 0.0,
 ) -> None:
     """Join a study (e.g. on another machine) and run trials until the shared budget is spent."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -118,7 +121,8 @@ def worker(
         options = WorkerOptions(
             storage_url=config.storage_url(storage),
             n_trials=n_trials, worker_index=worker_index,
-            threads=threads, timeout_s=config.study.timeout_s)
+            threads=threads, timeout_s=config.study.timeout_s,
+            wait_for_storage_s=wait_for_storage)
         ran = run_worker(config, options)
         console.print(f"worker done: ran {ran} trial(s) of study {config.name!r}")
 

@@ -19,6 +19,7 @@ import yaml
 from search.config import StudyConfig
 from search.errors import UserError
 from search.launch import STORAGE_ENV
+from search.study.storage import RetryPolicy
 
 # The Dockerfile's layout: the project in /app, run as uid 1000, runs/ and data/ as volumes.
 APP_DIR = "/app"
@@ -123,7 +124,9 @@ def _pod_volumes(names: Names) -> list[dict]:
 
 def _worker_job(names: Names, options: K8sOptions) -> dict:
     container = _search_container(names, options, "worker", [
-        "search", "worker", "--study", options.study, "--worker-index", "$(WORKER_INDEX)"])
+        "search", "worker", "--study", options.study, "--worker-index", "$(WORKER_INDEX)",
+        # A pod that starts while the database restarts waits instead of failing.
+        "--wait-for-storage", str(RetryPolicy().total_s)])
     # The completion index seeds each worker's sampler (as the array task id does on Slurm).
     container["env"].insert(0, {"name": "WORKER_INDEX", "valueFrom": {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})

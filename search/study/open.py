@@ -19,7 +19,14 @@ from search.config import HeartbeatConfig, StudyConfig
 from search.errors import StorageError, UserError
 from search.study.budget import StudyLock, queue_start_points
 from search.study.proxy import GRACE_ATTR, START_POINTS_ATTR, is_proxy_url, open_proxy
-from search.study.storage import check_reachable, get_storage, normalize_url, redact, retrying
+from search.study.storage import (
+    call_with_retries,
+    check_reachable,
+    get_storage,
+    normalize_url,
+    redact,
+    retrying,
+)
 
 # What the search maximises, as optuna-dashboard labels it.
 OBJECTIVE_NAME = "val macro F1"
@@ -28,7 +35,8 @@ Mode = Literal["read", "run", "join"]
 
 
 def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
-               n_trials: int | None = None, worker_index: int = 0) -> optuna.Study:
+               n_trials: int | None = None, worker_index: int = 0,
+               wait_s: float = 0.0) -> optuna.Study:
     """Open the study of ``config`` in ``storage_url``.
 
     Args:
@@ -42,6 +50,8 @@ def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
             sampler and the study's pruner, and queue the study file's start points once.
         n_trials: The budget to record (``run`` and ``join``).
         worker_index: Seeds a joining worker's sampler.
+        wait_s: How long a database that refuses connections is waited for before the
+            study is opened (see :func:`~search.study.storage.check_reachable`).
 
     Raises:
         StorageError: The storage is unreachable, or (``read``) holds no study yet.
@@ -49,7 +59,7 @@ def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
     """
     if mode == "read":
         require_existing_storage(storage_url, config)
-    check_reachable(storage_url)
+    check_reachable(storage_url, wait_s=wait_s)
     if mode == "read":
         try:
             return optuna.load_study(study_name=config.name, storage=_storage(storage_url))
@@ -75,10 +85,13 @@ def open_study(config: StudyConfig, storage_url: str, *, mode: Mode = "read",
     try:
         lock.acquire()
         storage = get_storage(storage_url, heartbeat=config.heartbeat)
-        study = optuna.create_study(study_name=config.name, storage=storage,
-                                    direction="maximize", load_if_exists=True,
-                                    sampler=make_sampler(config, worker_index),
-                                    pruner=make_pruner(config))
+        # Creating is not one of the storage's retried calls; here a retry is safe: a study
+        # created before the acknowledgement was lost is loaded (load_if_exists).
+        study = call_with_retries(optuna.create_study, study_name=config.name,
+                                  storage=storage, direction="maximize", load_if_exists=True,
+                                  sampler=make_sampler(config, worker_index),
+                                  pruner=make_pruner(config),
+                                  policy=storage.retry_policy, what=storage.description)
         if "n_trials" not in study.user_attrs:  # created here, not by `search run`
             _name_objective(study)
             _record(study, config, budget)

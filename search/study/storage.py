@@ -375,11 +375,15 @@ def get_storage(url: str, *, heartbeat: HeartbeatConfig | None = None,
     from search.study.requeue import CopyOnce
 
     heartbeat = heartbeat or HeartbeatConfig()
+    retry = retry or RetryPolicy()
     full_url = normalize_url(url)
     if full_url.startswith("sqlite:///"):
         _ensure_sqlite_folder(full_url)
     try:
-        return ResilientRDBStorage(
+        # Opening creates or checks the tables, i.e. talks to the database: a worker that
+        # (re)starts during an outage waits it out like any other storage call.
+        return call_with_retries(
+            ResilientRDBStorage,
             full_url,
             retry=retry,
             engine_kwargs=engine_kwargs(full_url),
@@ -388,13 +392,22 @@ def get_storage(url: str, *, heartbeat: HeartbeatConfig | None = None,
             heartbeat_stale_trial_callback=CopyOnce(
                 max_retry=heartbeat.max_retry, inherit_intermediate_values=True
             ),
+            policy=retry, what=redact(url),
         )
+    except StorageLostError:
+        raise
     except (SQLAlchemyError, StorageInternalError, ImportError, ValueError) as error:
         raise StorageError(f"cannot open storage {redact(url)}: {short_reason(error)}") from None
 
 
-def check_reachable(url: str) -> None:
+def check_reachable(url: str, *, wait_s: float = 0.0) -> None:
     """Connect once and fail fast with one line when the database is unreachable.
+
+    Args:
+        url: The storage URL.
+        wait_s: How long a refused or dropped connection is retried first. 0 for a command
+            a person typed (a wrong port should say so at once); a worker that ``search
+            run`` restarts during a database restart waits for it instead.
 
     Raises:
         StorageError: Unknown scheme or driver, refused connection, wrong credentials or
@@ -408,13 +421,20 @@ def check_reachable(url: str) -> None:
 
         open_proxy(url).close()
         return
-    try:
+
+    def connect() -> None:
         engine = sqlalchemy.create_engine(full_url, **engine_kwargs(full_url))
         try:
             with engine.connect():
                 pass
         finally:
             engine.dispose()
+
+    try:
+        if wait_s > 0:
+            call_with_retries(connect, policy=RetryPolicy(total_s=wait_s), what=redact(url))
+        else:
+            connect()
     except (SQLAlchemyError, ImportError, ValueError) as error:
         raise StorageError(f"cannot reach storage {redact(url)}: {short_reason(error)}") from None
 

@@ -40,6 +40,8 @@ class WorkerOptions:
     worker_index: int = 0
     threads: int | None = None
     timeout_s: float | None = None
+    # How long a database that refuses connections is waited for at start; 0 fails at once.
+    wait_for_storage_s: float = 0.0
 
 
 def run_worker(config: StudyConfig, options: WorkerOptions) -> int:
@@ -59,7 +61,8 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     check_pretrained(config)  # and fetch ImageNet weights before a trial needs them
     study = open_study(config, options.storage_url, mode="join",
                        n_trials=options.n_trials or config.study.n_trials,
-                       worker_index=options.worker_index)
+                       worker_index=options.worker_index,
+                       wait_s=options.wait_for_storage_s)
     n_trials = options.n_trials or study.user_attrs["n_trials"]
     config = with_study_artifacts_dir(config, study)
     data = prepare_data(config)

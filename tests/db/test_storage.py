@@ -285,3 +285,19 @@ def test_an_interrupt_ends_storage_retries_at_once():
     # Outside, the next interrupt-free call retries as usual again.
     with pytest.raises(StorageLostError):
         call_with_retries(unreachable, policy=RetryPolicy(total_s=0.3, first_wait_s=0.05))
+
+
+def test_opening_a_storage_waits_out_a_database_restart(own_postgres):
+    """A worker that opens its storage as the server restarts waits, as other calls do."""
+    own_postgres.stop("fast")
+    opened: list = []
+    thread = threading.Thread(target=lambda: opened.append(get_storage(
+        own_postgres.url, retry=RetryPolicy(total_s=60, first_wait_s=0.1, max_wait_s=1))))
+    thread.start()
+    time.sleep(2)
+    assert not opened and thread.is_alive()  # still waiting, not failed
+    own_postgres.start()
+    thread.join(timeout=60)
+    [storage] = opened
+    assert storage.get_all_studies() == []
+    storage.engine.dispose()

@@ -161,7 +161,7 @@ def test_study_survives_a_postgresql_restart_with_nothing_lost(workdir, own_post
     logs_text = worker_logs(workdir)
     # The study finished: no worker died of the outage, and `search run` exited 0.
     assert run.returncode == 0, output + logs_text
-    assert "worker exited with code" not in output, output
+    assert "worker exited with code" not in output, output + logs_text
     assert "Exception in thread" not in logs_text  # the heartbeat thread lived on
     trials = open_study(url).get_trials()
     assert all(t.state in FINAL for t in trials), [t.state for t in trials]
@@ -331,3 +331,33 @@ def test_a_run_from_another_folder_keeps_the_studys_artifact_folder(workdir):
                           file_path=str(target))
         assert torch.load(target, weights_only=True)["state_dict"]
     study._storage._backend.engine.dispose()
+
+
+def test_a_worker_started_while_postgresql_restarts_waits_for_it(workdir, own_postgres):
+    """What `search run` does for a worker it restarts during a database restart.
+
+    The worker's first connection is refused; with ``--wait-for-storage`` it retries until
+    the server is back, then creates the study, runs its trial and exits 0 (without it, a
+    refused connection is one line and exit 2 at once: see test_cli_errors).
+    """
+    url = own_postgres.url
+    study_file = tiny_study(workdir, n_trials=1, epochs=1)
+    own_postgres.stop("fast")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "SEARCH_STORAGE": url}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "search", "worker", "--study", str(study_file),
+         "--threads", "1", "--wait-for-storage", "60"],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        time.sleep(4)  # past the import: the worker is retrying its first connection
+        assert worker.poll() is None, worker.communicate()[0]
+        own_postgres.start()
+        output, _ = worker.communicate(timeout=180)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert worker.returncode == 0, output
+    assert "unreachable" in output and own_postgres.password not in output
+    [trial] = open_study(url).get_trials()
+    assert trial.state == TrialState.COMPLETE

@@ -56,6 +56,7 @@ def test_writes_an_array_of_workers_with_requeue_and_a_warning_signal(workdir, s
     worker = next(line for line in script.splitlines() if " -m search worker " in line)
     assert f"--study {study_file}" in worker
     assert '--worker-index "$SLURM_ARRAY_TASK_ID"' in worker
+    assert "--wait-for-storage 60.0" in worker  # a task started during an outage waits
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
