@@ -82,7 +82,7 @@ def mark_and_copy(study: optuna.Study, trial_id: int, reason: str) -> bool:
     storage = study._storage
     try:
         retrying(storage.set_trial_user_attr, trial_id, INTERRUPTED, reason)
-    except (RuntimeError, UpdateFinishedTrialError):  # finished since the caller looked
+    except UpdateFinishedTrialError:  # finished since the caller looked (a RuntimeError)
         return False
     queue_copy(study, retrying(storage.get_trial, trial_id))
     return True

@@ -7,10 +7,12 @@ the model spec, the weights, the class names and the preprocessing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,16 +44,28 @@ class AtomicArtifactStore(FileSystemArtifactStore):
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
         path = Path(self._get_filepath(artifact_id))  # private: optuna<6 in pyproject.toml
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(partial, "wb") as file:
-                shutil.copyfileobj(content_body, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        with atomic_file(path, path.with_name(f".{path.name}.{os.getpid()}.partial")) as file:
+            shutil.copyfileobj(content_body, file)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, partial: Path) -> Iterator[BinaryIO]:
+    """A file to write ``path`` through: whole, or not at all.
+
+    The bytes go to ``partial`` (beside ``path``: a rename is atomic only within one file
+    system), are flushed to disk, and replace ``path`` in one rename; readers see the old
+    file or the new one, never half of one. An error (a full disk) removes ``partial``; only
+    a SIGKILL mid-write leaves it behind, so callers name it where they can find it again.
+    """
+    try:
+        with open(partial, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def create_artifact_store(folder: Path) -> FileSystemArtifactStore:

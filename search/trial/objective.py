@@ -25,7 +25,7 @@ from search.data.prepared import PreparedData
 from search.errors import ConfigError, Preempted, UserError
 from search.study.requeue import INTERRUPTED, mark_and_copy
 from search.study.storage import retrying
-from search.trial.artifacts import trial_note, upload_trial_artifacts
+from search.trial.artifacts import atomic_file, trial_note, upload_trial_artifacts
 from search.trial.train import Speedups, TrialParams, train
 from search.trial.tta import tta_ops
 
@@ -296,16 +296,10 @@ class Objective:
 
 def _save_atomic(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        # Through a Python file: a full disk then mostly raises "[Errno 28] No space left
-        # on device", where torch's own writer says "unexpected pos 46912640 vs 46912528".
-        with open(partial, "wb") as file:
-            torch.save(state, file)
-        os.replace(partial, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        partial.unlink(missing_ok=True)  # a full disk must not keep half a state on it
-        raise
+    # Through a Python file: a full disk then mostly raises "[Errno 28] No space left on
+    # device", where torch's own writer says "unexpected pos 46912640 vs 46912528".
+    with atomic_file(path, path.with_suffix(f".{os.getpid()}.tmp")) as file:
+        torch.save(state, file)
 
 
 def remove_resume(path: Path) -> None:
