@@ -37,7 +37,7 @@ from torch import nn
 import augment
 import models
 from search.data.prepared import Split
-from search.trial.prefetch import DeviceBatches, Prefetcher
+from search.trial.prefetch import DeviceBatches, Prefetcher, keep_freed_host_memory
 from search.trial.train import Speedups, make_scaler, train_step
 
 MODALITIES = {"rgb": ("rgb",), "rgb+depth": ("rgb", "depth")}
@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=150, help="batches timed per host line")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="N of the N-worker host lines (default: the usable CPUs)")
-    parser.add_argument("--stub-batches", type=int, default=40)
+    # 100 x 25 ms: the first batch, made before the stub starts, weighs about 1% (an epoch
+    # at 224 px is hundreds of batches; 40 would charge it 2-3%).
+    parser.add_argument("--stub-batches", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbone", default="b0")
     parser.add_argument("--ratio-resolution", type=int, default=None,
@@ -213,14 +215,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="cached arrays in RAM, or .npy files mapped read-only (a trial's)")
     parser.add_argument("--crop", action="store_true",
                         help="stub lines: random-resized crops from images cached with a margin")
+    parser.add_argument("--no-keep-freed", action="store_true",
+                        help="leave glibc's malloc as it is (a worker keeps freed memory: "
+                             "search.trial.prefetch.keep_freed_host_memory)")
     args = parser.parse_args(argv)
+    kept = not args.no_keep_freed and keep_freed_host_memory()
     device = torch.device(args.device)
     resolutions = [int(r) for r in args.resolutions.split(",") if r]
     skip = set(args.skip.split(","))
     pin = device.type == "cuda"
     print(f"device {device} ({torch.cuda.get_device_name(device) if pin else 'CPU'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-          f"{len(os.sched_getaffinity(0))} usable CPUs, batch {args.batch}")
+          f"{len(os.sched_getaffinity(0))} usable CPUs, batch {args.batch}, "
+          f"freed host memory {'kept' if kept else 'returned (malloc defaults)'}")
 
     with tempfile.TemporaryDirectory(prefix="data-path-") as scratch:
         folder = Path(scratch) if args.arrays == "memmap" else None

@@ -26,6 +26,7 @@ from search.study.proxy import NoWaitingTrial, is_proxy_url
 from search.study.storage import StorageLostError, interruptible, retrying
 from search.trial.artifacts import create_artifact_store
 from search.trial.objective import Objective, check_pretrained, pick_device
+from search.trial.prefetch import keep_freed_host_memory
 
 POLL_S = 2.0
 logger = logging.getLogger("search.study.worker")
@@ -66,6 +67,7 @@ def _run_worker(config: StudyConfig, options: WorkerOptions) -> int:
     n_trials = options.n_trials or study.user_attrs["n_trials"]
     config = with_study_artifacts_dir(config, study)
     data = prepare_data(config)
+    keep_freed_host_memory()  # each batch reuses the last one's memory (see its docstring)
     # Behind the gRPC proxy there is no lock to take: the proxy queues the budget, this
     # worker only pops (see search.study.proxy).
     lock = None if is_proxy_url(options.storage_url) else StudyLock(options.storage_url,
