@@ -62,16 +62,14 @@ def keep_freed_host_memory() -> bool:
     Returns:
         Whether the C library took the settings (False off glibc, e.g. macOS or musl).
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        gnu = libc.gnu_get_libc_version  # only glibc has it; musl's mallopt does nothing
-    except (OSError, TypeError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
         return False
-    del gnu
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and mallopt(_M_TRIM_THRESHOLD,
-                                                                     _KEEP_BYTES))
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: musl's mallopt does nothing
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
+                and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
 class Prefetcher(Generic[Item, Result]):
