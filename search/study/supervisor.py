@@ -100,7 +100,9 @@ class Supervisor:
                 continue
             if slot.restarts >= self.max_restarts or spent:
                 slot.finished = True
-                if not spent:
+                if spent:  # it died on its way out (say, killed as its last trial ended)
+                    self.console.print(f"{what} after the budget was spent; not restarted")
+                else:
                     self.console.print(f"{what}; it was restarted {slot.restarts} time(s), "
                                        "the most `max_worker_restarts` allows")
                 continue

@@ -221,10 +221,15 @@ def test_chaos(workdir, own_postgres):
         assert chaos.no_space_failures(), "the full disk failed no trial: it was not tested"
         resumed = sum(check_study(workdir, name, url) for name, url in urls.items())
     restarts = output.count("restarted it")
+    # A kill can land just as the victim's trial ends the budget: nothing is left to restart
+    # it for, and the supervisor says so (CI saw one such kill of 8).
+    too_late = output.count("after the budget was spent; not restarted")
     # Else the faults below never happened and the checks above proved little.
     assert chaos.kills >= FILL_DISK_AFTER and resumed, f"{chaos.kills} kills, {resumed} resumed"
-    assert restarts >= chaos.kills, output  # every kill hit a worker that was restarted
+    # Every kill hit a worker that was restarted, or one the finished budget no longer needed.
+    assert restarts + too_late >= chaos.kills, output
     print(f"\nfull disk: {'a 1 GB tmpfs' if mounted else 'RLIMIT_FSIZE on one worker'}")
+    print(f"kills after the budget was spent (nothing to restart): {too_late}")
     print(f"chaos: {chaos.kills} kills, {restarts} restarts, {resumed} resumed trials, "
           f"0 lost\nchaos took {time.monotonic() - started:.0f} s")
 

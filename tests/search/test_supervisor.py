@@ -14,8 +14,9 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
 
-from search.study.supervisor import describe_exit
+from search.study.supervisor import Supervisor, describe_exit
 from tests.search.conftest import write_study
 
 pytestmark = pytest.mark.slow
@@ -97,6 +98,26 @@ def _worker(workdir: Path, study_file: Path) -> subprocess.Popen:
         [sys.executable, "-m", "search", "worker", "--study", str(study_file), "--threads", "1"],
         cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_a_worker_killed_after_the_budget_is_spent_is_not_restarted(tmp_path):
+    """A kill that lands as the last trial ends: nothing to resume, nothing to restart for."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5))  # a budget of 1, spent
+    started: list[int] = []
+
+    def start(index: int) -> subprocess.Popen:
+        started.append(index)
+        return subprocess.Popen([sys.executable, "-c",
+                                 "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+
+    console = Console(record=True, width=200)
+    supervisor = Supervisor(study, 1, start, 1, max_restarts=3, console=console)
+    supervisor.slots[0].process.wait()
+    assert supervisor.poll() is False  # nothing runs any more
+    assert started == [0]
+    assert "killed by SIGKILL after the budget was spent; not restarted" in console.export_text()
 
 
 def test_sigterm_preempts_a_worker_whose_trial_resumes_in_the_next(workdir, tiny_data):
