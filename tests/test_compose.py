@@ -97,6 +97,7 @@ def test_worker_runs_search_worker_on_the_study_from_the_environment():
     context = parse_cli(words)
     assert context.params["study"] == "apples"
     assert 0 <= context.params["worker_index"] < 1_000_000  # seeds stay below 2**32
+    assert context.params["wait_for_storage"] == 60  # started with the database: wait for it
 
 
 def test_dashboard_is_published_on_the_hosts_loopback_only():
