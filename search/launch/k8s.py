@@ -19,7 +19,7 @@ import yaml
 from search.config import StudyConfig
 from search.errors import UserError
 from search.launch import STORAGE_ENV
-from search.study.storage import RetryPolicy
+from search.study.storage import WORKER_WAIT_S
 
 # The Dockerfile's layout: the project in /app, run as uid 1000, runs/ and data/ as volumes.
 APP_DIR = "/app"
@@ -126,7 +126,7 @@ def _worker_job(names: Names, options: K8sOptions) -> dict:
     container = _search_container(names, options, "worker", [
         "search", "worker", "--study", options.study, "--worker-index", "$(WORKER_INDEX)",
         # A pod that starts while the database restarts waits instead of failing.
-        "--wait-for-storage", str(RetryPolicy().total_s)])
+        "--wait-for-storage", str(WORKER_WAIT_S)])
     # The completion index seeds each worker's sampler (as the array task id does on Slurm).
     container["env"].insert(0, {"name": "WORKER_INDEX", "valueFrom": {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})

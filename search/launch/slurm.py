@@ -24,7 +24,7 @@ from rich.console import Console
 from search.config import StudyConfig
 from search.errors import UserError
 from search.launch import STORAGE_ENV, storage_environment
-from search.study.storage import RetryPolicy, normalize_url, redact
+from search.study.storage import WORKER_WAIT_S, normalize_url, redact
 
 # Seconds between Slurm's warning (USR1 to the batch script) and the time limit's kill:
 # room for the worker to stop within a few seconds and save its trial, with margin for
@@ -120,7 +120,7 @@ def render_script(config: StudyConfig, options: SlurmOptions, *,
     # A task that starts (or is requeued) while the database restarts waits for it.
     worker = shlex.join([python, "-m", "search", "worker",
                          "--study", str(config.source.resolve()),
-                         "--wait-for-storage", str(RetryPolicy().total_s)])
+                         "--wait-for-storage", str(WORKER_WAIT_S)])
     return _SCRIPT.format(
         name=config.name, env=STORAGE_ENV, lead=SIGNAL_LEAD_S,
         directives="\n".join(f"#SBATCH {d}" for d in directives), worker=worker)

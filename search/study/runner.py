@@ -30,7 +30,7 @@ from search.study.budget import StudyLock
 from search.study.open import open_study
 from search.study.proxy import is_proxy_url
 from search.study.report import best_trials_table, failures, progress
-from search.study.storage import RetryPolicy, interruptible, retrying
+from search.study.storage import WORKER_WAIT_S, interruptible, retrying
 from search.study.supervisor import Supervisor
 from search.trial.objective import check_pretrained, pick_device
 
@@ -145,9 +145,8 @@ def _start_worker(config: StudyConfig, storage_url: str, n_trials: int,
     command = [sys.executable, "-m", "search", "worker", "--study", str(config.source),
                "--n-trials", str(n_trials),
                "--worker-index", str(plan.index), "--threads", str(plan.threads),
-               # A worker restarted during a database restart waits for it, as its storage
-               # calls do, instead of failing again and spending another restart.
-               "--wait-for-storage", str(RetryPolicy().total_s)]
+               # Restarted during a database restart, it waits instead of failing again.
+               "--wait-for-storage", str(WORKER_WAIT_S)]
     log = open(logs / f"worker-{plan.index}.log", "a")
     # Own session: a terminal Ctrl-C reaches only us, and we forward exactly one SIGINT.
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,

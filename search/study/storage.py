@@ -66,6 +66,11 @@ class RetryPolicy:
     max_wait_s: float = 5.0
 
 
+WORKER_WAIT_S = RetryPolicy().total_s
+"""``--wait-for-storage`` of the workers ``search run`` and the launchers start: a worker
+(re)started during a database restart waits for it as long as its storage calls would."""
+
+
 class StorageLostError(StorageError, StorageInternalError):
     """The database stayed unreachable for a whole :class:`RetryPolicy`.
 

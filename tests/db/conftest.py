@@ -8,6 +8,7 @@ The servers are the real ones on this machine; point the tests elsewhere with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -162,6 +163,17 @@ def start_worker(study_file: Path, storage_url: str, *, n_trials: int, index: in
                                 env=env)
     finally:
         log.close()
+
+
+@contextlib.contextmanager
+def reaped(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """``process``, killed and waited for on the way out if it still runs (a failed step)."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def wait_all(processes: list[subprocess.Popen], timeout_s: float) -> list[int]:

@@ -37,6 +37,7 @@ from search.trial.artifacts import (
 )
 from tests.db.conftest import (
     logs,
+    reaped,
     start_worker,
     stop_all,
     tiny_study,
@@ -130,11 +131,13 @@ def test_a_killed_worker_is_failed_by_heartbeat_and_its_trial_retried(workdir, p
     assert not list((workdir / "runs" / "tiny" / "artifacts" / "resume").glob("*.pt"))
 
 
-def start_run(study_file: Path, url: str, workdir: Path, *extra: str) -> subprocess.Popen:
-    """``search run`` as its own process; the URL (password and all) in its environment."""
+def start_run(study_file: Path, url: str, workdir: Path, *extra: str,
+              command: str = "run") -> subprocess.Popen:
+    """``search run`` (or ``command``) as its own process; the URL (password and all) in its
+    environment."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "SEARCH_STORAGE": url}
     return subprocess.Popen(
-        [sys.executable, "-m", "search", "run", "--study", str(study_file), *extra],
+        [sys.executable, "-m", "search", command, "--study", str(study_file), *extra],
         cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -145,8 +148,7 @@ def worker_logs(workdir: Path) -> str:
 def test_study_survives_a_postgresql_restart_with_nothing_lost(workdir, own_postgres):
     url = own_postgres.url
     study_file = tiny_study(workdir, n_trials=3, epochs=4, heartbeat=(1, 10))
-    run = start_run(study_file, url, workdir, "--workers", "2")
-    try:
+    with reaped(start_run(study_file, url, workdir, "--workers", "2")) as run:
         wait_for_trial(url, lambda t: t.state == TrialState.RUNNING
                        and len(t.intermediate_values) >= 1)
         before = open_study(url).get_trials()
@@ -154,10 +156,6 @@ def test_study_survives_a_postgresql_restart_with_nothing_lost(workdir, own_post
         time.sleep(3)  # workers' storage calls fail and retry meanwhile
         own_postgres.start()
         output, _ = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
     logs_text = worker_logs(workdir)
     # The study finished: no worker died of the outage, and `search run` exited 0.
     assert run.returncode == 0, output + logs_text
@@ -343,20 +341,12 @@ def test_a_worker_started_while_postgresql_restarts_waits_for_it(workdir, own_po
     url = own_postgres.url
     study_file = tiny_study(workdir, n_trials=1, epochs=1)
     own_postgres.stop("fast")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "SEARCH_STORAGE": url}
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "search", "worker", "--study", str(study_file),
-         "--threads", "1", "--wait-for-storage", "60"],
-        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
+    with reaped(start_run(study_file, url, workdir, "--threads", "1", "--wait-for-storage",
+                          "60", command="worker")) as worker:
         time.sleep(4)  # past the import: the worker is retrying its first connection
         assert worker.poll() is None, worker.communicate()[0]
         own_postgres.start()
         output, _ = worker.communicate(timeout=180)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.communicate()
     assert worker.returncode == 0, output
     assert "unreachable" in output and own_postgres.password not in output
     [trial] = open_study(url).get_trials()
