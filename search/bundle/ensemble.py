@@ -264,6 +264,10 @@ def _metadata(config: StudyConfig, study: optuna.Study, storage_url: str,
                                         axes=1), 1e-12, None))
     preprocess = dict(best.trained.preprocess, rgb=RAW_RGB)
     interval = bootstrap_macro_f1(result.confusion)
+    # The exported model's validation score without selection's optimism: the last fitted
+    # step's out-of-fold estimate; with nothing fitted, the one trial's own score.
+    steps = list(fitted.steps.values())
+    val = steps[-1]["val_macro_f1_after_out_of_fold"] if steps else best.trained.trial.value
     return {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
         "labels": {str(i): name for i, name in enumerate(classes)},
@@ -291,7 +295,9 @@ def _metadata(config: StudyConfig, study: optuna.Study, storage_url: str,
         "postprocess": {"bias": fitted.bias.tolist() if bias else None,
                         "steps": fitted.steps},
         "metrics": {
+            "val_macro_f1": val,
             "test_macro_f1": result.macro_f1,
+            "val_test_gap": (val or 0.0) - result.macro_f1,
             "test_macro_f1_interval": interval.to_dict(),
             "test_accuracy": result.accuracy,
             "per_class_f1": {"test": dict(zip(classes, result.per_class_f1, strict=True))},
@@ -327,6 +333,8 @@ def _report(console: Console, meta: dict, out: Path) -> None:
         f"  test macro F1 {metrics['test_macro_f1']:.4f} (95% interval {interval['low']:.3f}-"
         f"{interval['high']:.3f}); best single trial {best['trial']}: val "
         f"{best['val_macro_f1']:.4f}, test {best['test_macro_f1']:.4f}",
+        f"  val - test gap {metrics['val_test_gap']:+.4f} (val {metrics['val_macro_f1']:.4f}, "
+        f"out of fold where anything was fitted): the test score is the one to expect",
         f"  onnxruntime vs PyTorch, test split: max |logit diff| "
         f"{meta['onnx_max_abs_diff']:.1e} (tolerance {meta['onnx_tolerance']:.1e})",
     ]

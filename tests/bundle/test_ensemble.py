@@ -66,6 +66,7 @@ def test_an_ensemble_bundle_passes_the_plain_onnxruntime_contract(tmp_path, monk
                                  "--ensemble", "3", "--bias"])
     assert result.exit_code == 0, result.output
     assert "exported an ensemble of" in result.output and "bias: val macro F1" in result.output
+    assert "val - test gap" in result.output
 
     meta = json.loads(Path("ens/model.json").read_text())
     arch, prep = meta["architecture"], meta["preprocess"]
@@ -76,8 +77,13 @@ def test_an_ensemble_bundle_passes_the_plain_onnxruntime_contract(tmp_path, monk
     assert all(m["tta"] == ["flip_left_right"] for m in arch["members"])
     assert len(meta["postprocess"]["bias"]) == 3
     assert "val_macro_f1_after_out_of_fold" in meta["postprocess"]["steps"]["bias"]
-    interval = meta["metrics"]["test_macro_f1_interval"]
-    assert interval["low"] <= meta["metrics"]["test_macro_f1"] <= interval["high"]
+    metrics = meta["metrics"]
+    interval = metrics["test_macro_f1_interval"]
+    assert interval["low"] <= metrics["test_macro_f1"] <= interval["high"]
+    # The gap is against the out-of-fold estimate of the last fitted step (the bias).
+    oof = meta["postprocess"]["steps"]["bias"]["val_macro_f1_after_out_of_fold"]
+    assert metrics["val_macro_f1"] == oof
+    assert metrics["val_test_gap"] == pytest.approx(oof - metrics["test_macro_f1"])
     assert meta["onnx_max_abs_diff"] <= meta["onnx_tolerance"]
 
     # search predict and a client that follows nothing but model.json agree with export.
