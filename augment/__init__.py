@@ -15,8 +15,9 @@ from augment.balance import (
     inverse_frequency_weights,
     list_strategies,
 )
-from augment.crop import crop_batch, source_size
-from augment.online import ONLINE_OPS, flip_batch, online_ops
+from augment.crop import crop_batch, draw_boxes, source_size
+from augment.fused import posed_crops
+from augment.online import ONLINE_OPS, draw_poses, flip_batch, online_ops
 from augment.ops import OPS, OpSpec, list_ops, validate_ops
 from augment.pipeline import augment_rows, augment_sample, build_pipeline
 from augment.seeding import seeded_global_rngs
@@ -32,12 +33,15 @@ __all__ = [
     "balance",
     "build_pipeline",
     "crop_batch",
+    "draw_boxes",
+    "draw_poses",
     "flip_batch",
     "get_strategy",
     "inverse_frequency_weights",
     "list_ops",
     "list_strategies",
     "online_ops",
+    "posed_crops",
     "seeded_global_rngs",
     "source_size",
     "validate_ops",

@@ -35,6 +35,14 @@ class Poses:
     top_bottom: torch.Tensor
     turns: torch.Tensor
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flip columns, flip rows, transpose) masks that put a sample in its pose, in
+        that order: ``rot90`` by k flips columns if k is 1 or 2, rows if k is 2 or 3, then
+        transposes if k is odd."""
+        k = self.turns
+        return (self.left_right ^ ((k == 1) | (k == 2)), self.top_bottom ^ ((k == 2) | (k == 3)),
+                k % 2 == 1)
+
 
 def draw_poses(n: int, ops: Iterable[str], generator: torch.Generator) -> Poses:
     """Draw the poses of ``n`` samples for ``ops`` (names from :data:`ONLINE_OPS`)."""
@@ -56,22 +64,14 @@ def apply_poses(batch: torch.Tensor, poses: Poses) -> torch.Tensor:
     """Put each sample of ``[N, H, W, C]`` ``batch`` in its pose; a new tensor, same device.
 
     The flips and turns are folded into at most one flip of each axis and one transpose per
-    sample (``rot90`` by k = flip columns if k is 1 or 2, flip rows if k is 2 or 3, then
-    transpose if k is odd). On a GPU each of the three is one batched op over the whole
-    batch, ``where(mask, moved, batch)``: a few kernels whatever the draws. On a CPU there
-    are no launches to save, and torch's CPU ``where`` over flipped or transposed inputs is
-    slow: a copy per sample is 8x faster (64 rgb images at 224 px, 2 threads: 2.8 against
-    21.5 ms). Both give the same pixels (tests compare them with ``np.rot90``).
+    sample (:meth:`Poses.folded`); each of the three is one batched op over the whole batch,
+    ``where(mask, moved, batch)``: a few kernels whatever the draws. That suits a GPU; a
+    CPU device gets the same poses from :mod:`augment.fused` instead, in one pass with the
+    crop and normalisation.
     """
-    k = poses.turns
-    flip_cols = poses.left_right ^ ((k == 1) | (k == 2))
-    flip_rows = poses.top_bottom ^ ((k == 2) | (k == 3))
-    transpose = k % 2 == 1
+    flip_cols, flip_rows, transpose = poses.folded()
     if bool(transpose.any()) and batch.shape[1] != batch.shape[2]:
         raise ValueError(f"rotate90 per batch needs square images, got {tuple(batch.shape)}")
-    if batch.device.type == "cpu":
-        return _posed_one_by_one(batch, flip_cols.tolist(), flip_rows.tolist(),
-                                 transpose.tolist())
     out = batch
     for mask, move in ((flip_cols, lambda x: x.flip(2)), (flip_rows, lambda x: x.flip(1)),
                        (transpose, lambda x: x.transpose(1, 2))):
@@ -79,17 +79,6 @@ def apply_poses(batch: torch.Tensor, poses: Poses) -> torch.Tensor:
             chosen = mask.to(batch.device, non_blocking=True).view(-1, 1, 1, 1)
             out = torch.where(chosen, move(out), out)
     return batch.clone() if out is batch else out
-
-
-def _posed_one_by_one(batch: torch.Tensor, flip_cols: list[bool], flip_rows: list[bool],
-                      transpose: list[bool]) -> torch.Tensor:
-    out = torch.empty_like(batch)
-    for i, sample in enumerate(batch):  # [H, W, C]
-        dims = [d for d, on in ((1, flip_cols[i]), (0, flip_rows[i])) if on]
-        if dims:
-            sample = sample.flip(dims)
-        out[i] = sample.transpose(0, 1) if transpose[i] else sample
-    return out
 
 
 def flip_batch(images: Mapping[str, torch.Tensor], ops: Iterable[str],

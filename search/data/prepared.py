@@ -49,7 +49,8 @@ class Split:
     (larger) cached image and resized to ``crop_to``, after the flips (:mod:`augment.crop`).
     A batch is made in two halves so a background thread can do the first while the
     device trains (:mod:`search.trial.prefetch`): :meth:`gather` (host: copy the rows) and
-    :meth:`to_device` (copy over, augment, normalise).
+    :meth:`to_device` (copy over, augment, normalise). On a CPU device the augmentation and
+    normalisation are one compiled pass (:mod:`augment.fused`) with the same draws.
     RGB is normalized with ``rgb_mean`` and ``rgb_std`` (the trial's backbone's, see
     :meth:`PreparedData.split`).
     """
@@ -86,33 +87,60 @@ class Split:
         memory = torch.channels_last if channels_last else torch.contiguous_format
         moved = {key: value.to(device, non_blocking=non_blocking) for key, value in host.items()}
         images = {modality: moved[modality] for modality in self.images}
-        if self.flip_ops or self.crop_to:
-            generator = self.generator
-            assert generator is not None, "a split with per-batch ops carries its generator"
-            if self.flip_ops:
-                images = augment.flip_batch(images, self.flip_ops, generator)
-            if self.crop_to:  # on the posed image: the box is uniform over it either way
-                images = augment.crop_batch(images, self.crop_to, generator)
-        batch = {}
-        for modality, pixels in images.items():
-            # The same float32 operations as search.data.decode.normalize_pixels (predict's).
-            # [N, H, W, C] permuted is already channels_last in memory; in-place ops keep it.
-            pixels = pixels.permute(0, 3, 1, 2).float().div_(1 / PIXEL_SCALE)
-            batch[modality] = self._normalize(modality, pixels).contiguous(memory_format=memory)
+        per_batch = bool(self.flip_ops or self.crop_to)
+        if per_batch and device.type == "cpu":
+            batch = self._augmented_on_cpu(images)
+        else:
+            if per_batch:
+                generator = self._generator()
+                if self.flip_ops:
+                    images = augment.flip_batch(images, self.flip_ops, generator)
+                if self.crop_to:  # on the posed image: the box is uniform over it either way
+                    images = augment.crop_batch(images, self.crop_to, generator)
+            batch = {}
+            for modality, pixels in images.items():
+                # The same float32 operations as search.data.decode.normalize_pixels
+                # (predict's). [N, H, W, C] permuted is channels_last in memory already;
+                # in-place ops keep it.
+                pixels = pixels.permute(0, 3, 1, 2).float().div_(1 / PIXEL_SCALE)
+                mean, std = (torch.tensor(v, device=pixels.device).view(1, -1, 1, 1)
+                             for v in self._mean_std(modality))
+                batch[modality] = pixels.sub_(mean).div_(std)
+        batch = {modality: pixels.contiguous(memory_format=memory)
+                 for modality, pixels in batch.items()}
         batch.update((key, moved[key]) for key in ("numeric", "text") if key in moved)
         return batch, moved["labels"]
+
+    def _augmented_on_cpu(self, images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The GPU path's draws, poses, crops and normalisation in one pass per modality."""
+        generator = self._generator()
+        first = next(iter(images.values()))
+        n, rows, cols = first.shape[:3]
+        # The order of draws is the GPU path's: poses (none without flip_ops), then boxes.
+        poses = augment.draw_poses(n, self.flip_ops, generator)
+        boxes = augment.draw_boxes(n, rows, cols, generator) if self.crop_to else None
+        batch = {}
+        for modality, pixels in images.items():
+            mean, std = self._mean_std(modality)
+            scale = [PIXEL_SCALE / s for s in std]
+            shift = [-m / s for m, s in zip(mean, std, strict=True)]
+            out = augment.posed_crops(pixels.numpy(), poses, boxes, self.crop_to, scale, shift)
+            batch[modality] = out.permute(0, 3, 1, 2)
+        return batch
+
+    def _generator(self) -> torch.Generator:
+        assert self.generator is not None, "a split with per-batch ops carries its generator"
+        return self.generator
 
     def batch(self, rows: np.ndarray, device: torch.device, channels_last: bool) -> dict:
         """Gather ``rows`` into a model batch (dict of tensors keyed by modality)."""
         return self.to_device(self.gather(rows), device, channels_last)[0]
 
-    def _normalize(self, modality: str, pixels: torch.Tensor) -> torch.Tensor:
-        """In place: the same elementwise float32 results as ``(x - mean) / std``."""
+    def _mean_std(self, modality: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """A modality's per-channel mean and std (of pixels scaled to 0-1)."""
         if modality == "depth":
-            return pixels.sub_(DEPTH_MEAN).div_(DEPTH_STD)
-        mean = torch.tensor(self.rgb_mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.rgb_std, device=pixels.device).view(1, 3, 1, 1)
-        return pixels.sub_(mean).div_(std)
+            return (DEPTH_MEAN,), (DEPTH_STD,)
+        return self.rgb_mean, self.rgb_std
 
 
 @dataclass

@@ -41,7 +41,7 @@ _DONE, _VALUE, _ERROR = "done", "value", "error"
 
 
 # glibc's mallopt parameters (malloc.h) and the size above which freed memory is kept.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _KEEP_BYTES = 1 << 30
 
 
@@ -56,8 +56,11 @@ def keep_freed_host_memory() -> bool:
     (poses, normalisation) went from 27 to 15 ms. The price is a heap that keeps a few such
     blocks: a 40 MB tensor made and freed 60 times grew the resident set by 190 MB over the
     first 10 rounds, then not at all, with no page fault after that (against 9,800 faults a
-    round without this). Process-wide; a worker calls it once its data is cached (the cache
-    build keeps its small footprint).
+    round without this). The thresholds rule glibc's main arena only: a thread with an
+    arena of its own (the prefetcher's) still page-faulted 720 times per 38 MB batch, so all
+    threads share the main arena (``M_ARENA_MAX`` 1; a handful of threads allocate here, and
+    the large allocations dominate). Process-wide; a worker calls it once its data is cached
+    (the cache build keeps its small footprint), before its prefetch threads start.
 
     Returns:
         Whether the C library took the settings (False off glibc, e.g. macOS or musl).
@@ -69,7 +72,8 @@ def keep_freed_host_memory() -> bool:
     if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: musl's mallopt does nothing
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
-                and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+                and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
+                and libc.mallopt(_M_ARENA_MAX, 1))
 
 
 class Prefetcher(Generic[Item, Result]):

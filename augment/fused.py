@@ -1,0 +1,194 @@
+"""A training batch's poses, crop and normalisation in one pass, for a CPU "device".
+
+On a GPU the per-batch ops are a few batched tensor ops (:mod:`augment.online`,
+:mod:`augment.crop`) that cost next to nothing. On a CPU the same ops are separate passes
+over the batch: 64 rgb + depth images at 224 px took 85 ms for the crop's ``grid_sample``
+and 26 ms for the poses and normalisation on this project's 2-core machine, where an A100's
+step is 25 ms. This module does what those ops do in one compiled loop (numba, as FFCV's
+CPU pipeline does) that reads each source pixel it needs and writes each output value
+once, split over the process's torch threads:
+
+* the box is drawn on the posed image, as on a GPU; since a resize commutes with flips and
+  transposes of a square output, the box is mapped back to the source image, cut and
+  resized there (rows read in order), and the result is written in its pose;
+* bilinear resize with the GPU path's geometry (``grid_sample``, pixel centres aligned,
+  border clamp): output pixel k of a box samples ``left + (k + 0.5) * width / size - 0.5``;
+* normalisation as ``x * scale + shift`` per channel (``scale = 1 / (255 std)``,
+  ``shift = -mean / std``), one multiply-add where the GPU path divides: the two agree to a
+  few float32 ulps.
+
+Without a crop the box is the whole image at its own size: every weight is zero, so the
+pixels come out exactly as the poses put them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+import torch
+
+from augment.crop import Boxes
+from augment.online import Poses
+
+# nogil: the threads of posed_crops run at once. fastmath without "reassoc": reassociating
+# ``(j + 0.5) * step - 0.5`` put whole-pixel coordinates a hair below the pixel, so a batch
+# without a crop came out blended by 1e-4 instead of exactly moved.
+_JIT = {"nogil": True, "cache": True, "boundscheck": False,
+        "fastmath": {"nnan", "ninf", "nsz", "contract"}}
+
+
+@numba.njit(**_JIT)
+def _resample(images, out, first, last, flip_cols, flip_rows, transpose,
+              top, left, height, width, scale, shift, channels):
+    """Samples ``first`` to ``last`` of ``images`` ``[N, H, W, C]`` into ``out``.
+
+    ``channels`` is C, passed apart so the callers below can make it a compile-time
+    constant: the channel loops then unroll (2x faster for depth, 1.2x for rgb).
+    """
+    u = np.uint64  # unsigned indices: numba skips its negative-index wraparound checks
+    rows, cols = images.shape[1], images.shape[2]
+    out_rows, out_cols = out.shape[1], out.shape[2]
+    half = np.float32(0.5)
+    column0 = np.empty(out_cols, np.int64)
+    column1 = np.empty(out_cols, np.int64)
+    weight_x = np.empty(out_cols, np.float32)
+    blended = np.empty(cols * channels, np.float32)
+    for k in range(first, last):
+        # The box in source coordinates: undo the transpose, then the flips.
+        box_top, box_left, box_h, box_w = top[k], left[k], height[k], width[k]
+        if transpose[k]:
+            box_top, box_left, box_h, box_w = box_left, box_top, box_w, box_h
+        if flip_rows[k]:
+            box_top = rows - box_top - box_h
+        if flip_cols[k]:
+            box_left = cols - box_left - box_w
+        # Where source-oriented output pixel (i, j) goes: out = transpose(flips(resized)).
+        row_step = out_cols * channels
+        step_i, step_j = (channels, row_step) if transpose[k] else (row_step, channels)
+        base = 0
+        if flip_rows[k]:
+            base += (out_rows - 1) * step_i
+            step_i = -step_i
+        if flip_cols[k]:
+            base += (out_cols - 1) * step_j
+            step_j = -step_j
+
+        x_step = np.float32(box_w) / np.float32(out_cols)
+        low, high = cols, 0
+        for j in range(out_cols):
+            x = np.float32(box_left) + (np.float32(j) + half) * x_step - half
+            x = min(max(x, np.float32(0.0)), np.float32(cols - 1))
+            x0 = int(x)
+            x1 = min(x0 + 1, cols - 1)
+            low, high = min(low, x0), max(high, x1)
+            column0[j], column1[j], weight_x[j] = x0 * channels, x1 * channels, x - np.float32(x0)
+
+        source = images[k]
+        target = out[k].ravel()
+        y_step = np.float32(box_h) / np.float32(out_rows)
+        for i in range(out_rows):
+            y = np.float32(box_top) + (np.float32(i) + half) * y_step - half
+            y = min(max(y, np.float32(0.0)), np.float32(rows - 1))
+            y0 = int(y)
+            weight_y = y - np.float32(y0)
+            above, below = source[y0].ravel(), source[min(y0 + 1, rows - 1)].ravel()
+            # Rows first (contiguous, vectorised), over the box's columns only ...
+            for p in range(low * channels, (high + 1) * channels):
+                a = np.float32(above[u(p)])
+                blended[u(p)] = a + weight_y * (np.float32(below[u(p)]) - a)
+            # ... then columns, normalised, written where the pose puts them.
+            at = base + i * step_i
+            for j in range(out_cols):
+                wx, c0, c1 = weight_x[j], column0[j], column1[j]
+                for c in range(channels):
+                    a = blended[u(c0 + c)]
+                    target[u(at + c)] = (a + wx * (blended[u(c1 + c)] - a)) * scale[c] + shift[c]
+                at += step_j
+
+
+@numba.njit(**_JIT)
+def _rgb(images, out, first, last, flip_cols, flip_rows, transpose,
+         top, left, height, width, scale, shift):
+    _resample(images, out, first, last, flip_cols, flip_rows, transpose, top, left, height,
+              width, scale, shift, 3)
+
+
+@numba.njit(**_JIT)
+def _gray(images, out, first, last, flip_cols, flip_rows, transpose,
+          top, left, height, width, scale, shift):
+    _resample(images, out, first, last, flip_cols, flip_rows, transpose, top, left, height,
+              width, scale, shift, 1)
+
+
+@numba.njit(**_JIT)
+def _any(images, out, first, last, flip_cols, flip_rows, transpose,
+         top, left, height, width, scale, shift):
+    _resample(images, out, first, last, flip_cols, flip_rows, transpose, top, left, height,
+              width, scale, shift, images.shape[3])
+
+
+_KERNELS = {3: _rgb, 1: _gray}
+
+
+def posed_crops(images: np.ndarray, poses: Poses, boxes: Boxes | None, size: int | None,
+                scale: Sequence[float], shift: Sequence[float], *,
+                threads: int | None = None) -> torch.Tensor:
+    """Pose, crop and normalise every sample of a ``uint8`` batch, on the CPU.
+
+    Args:
+        images: ``[N, H, W, C]`` uint8 (the gathered rows; square if any sample turns).
+        poses: The batch's flips and turns (:func:`augment.online.draw_poses`).
+        boxes: The batch's crops on the posed images (:func:`augment.crop.draw_boxes`), or
+            None for no crop.
+        size: The output side with ``boxes``; ignored without.
+        scale, shift: Per channel: the output is ``pixel * scale + shift``.
+        threads: How many threads share the samples (default: torch's intra-op threads).
+
+    Returns:
+        float32 ``[N, size, size, C]`` (``[N, H, W, C]`` without a crop), as
+        ``augment.crop_batch(augment.flip_batch(...))`` then normalised would give.
+    """
+    n, rows, cols, channels = images.shape
+    flip_cols, flip_rows, transpose = (mask.numpy() for mask in poses.folded())
+    if transpose.any() and rows != cols:
+        raise ValueError(f"rotate90 per batch needs square images, got {images.shape}")
+    if boxes is None:
+        whole = np.zeros(n, np.float32)
+        top = left = whole
+        height, width = whole + rows, whole + cols
+        out_rows, out_cols = rows, cols
+    else:
+        assert size is not None, "a crop needs its output size"
+        top, left, height, width = (v.numpy().astype(np.float32) for v in
+                                    (boxes.top, boxes.left, boxes.height, boxes.width))
+        out_rows = out_cols = size
+    out = np.empty((n, out_rows, out_cols, channels), np.float32)
+    args = (flip_cols, flip_rows, transpose, top, left, height, width,
+            np.asarray(scale, np.float32), np.asarray(shift, np.float32))
+    source = np.ascontiguousarray(images)
+    # Short-lived threads, one per share (the kernel releases the GIL): no pool outlives
+    # the batch, and nothing is shared between two batches made at once.
+    edges = np.linspace(0, n, max(1, min(threads or torch.get_num_threads(), n)) + 1)
+    shares = [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+    kernel = _KERNELS.get(channels, _any)
+    errors: list[BaseException] = []
+
+    def share(first: int, last: int) -> None:
+        try:
+            kernel(source, out, first, last, *args)
+        except BaseException as error:  # raised again in the calling thread
+            errors.append(error)
+
+    helpers = [threading.Thread(target=share, args=bounds) for bounds in shares[1:]]
+    for helper in helpers:
+        helper.start()
+    share(*shares[0])
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+    return torch.from_numpy(out)

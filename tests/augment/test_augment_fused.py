@@ -1,0 +1,102 @@
+"""The CPU's one-pass poses, crops and normalisation give what the GPU's tensor ops give."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import augment
+from augment.online import Poses
+from search.data.decode import PIXEL_SCALE
+from search.data.prepared import Split
+
+CPU = torch.device("cpu")
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def images(n: int, side: int, channels: int, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, side, side, channels), np.uint8)
+
+
+def tensor_path(batch: np.ndarray, generator: torch.Generator, crop_to: int | None,
+                mean: list[float], std: list[float]) -> torch.Tensor:
+    """What a GPU does: augment.flip_batch, augment.crop_batch, then normalise."""
+    posed = augment.flip_batch({"x": torch.from_numpy(batch)}, augment.ONLINE_OPS, generator)
+    if crop_to:
+        posed = augment.crop_batch(posed, crop_to, generator)
+    pixels = posed["x"].float() * PIXEL_SCALE
+    return (pixels - torch.tensor(mean)) / torch.tensor(std)
+
+
+@pytest.mark.parametrize("channels", [3, 1, 2])  # rgb, depth, and the generic kernel
+@pytest.mark.parametrize("crop_to", [None, 9])
+def test_same_pixels_as_the_tensor_ops(channels, crop_to):
+    batch = images(40, 13, channels)  # odd sides: the centre row and column move too
+    mean, std = [0.4, 0.5, 0.6][:channels], [0.2, 0.25, 0.3][:channels]
+    expected = tensor_path(batch, seeded(5), crop_to, mean, std)
+    generator = seeded(5)  # the same draws, in the same order
+    poses = augment.draw_poses(40, augment.ONLINE_OPS, generator)
+    boxes = augment.draw_boxes(40, 13, 13, generator) if crop_to else None
+    scale = [PIXEL_SCALE / s for s in std]
+    shift = [-m / s for m, s in zip(mean, std, strict=True)]
+    got = augment.posed_crops(batch, poses, boxes, crop_to, scale, shift)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    # A multiply-add for a division, and the crop's bilinear weights computed apart.
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+    assert len(set(poses.turns.tolist())) == 4 and poses.left_right.any()  # all poses ran
+
+
+def test_without_a_crop_the_pixels_are_only_moved():
+    batch = images(32, 7, 3)
+    poses = augment.draw_poses(32, augment.ONLINE_OPS, seeded(1))
+    got = augment.posed_crops(batch, poses, None, None, [1.0] * 3, [0.0] * 3)
+    expected = augment.flip_batch({"x": torch.from_numpy(batch)}, augment.ONLINE_OPS, seeded(1))
+    assert torch.equal(got, expected["x"].float())
+
+
+def test_the_threads_split_the_samples_not_the_result():
+    batch = images(21, 16, 3)
+    generator = seeded(2)
+    poses = augment.draw_poses(21, augment.ONLINE_OPS, generator)
+    boxes = augment.draw_boxes(21, 16, 16, generator)
+    runs = [augment.posed_crops(batch, poses, boxes, 12, [1.0] * 3, [0.0] * 3, threads=t)
+            for t in (1, 2, 5, 64)]
+    for other in runs[1:]:
+        assert torch.equal(runs[0], other)
+
+
+def test_turns_need_square_images():
+    turned = Poses(torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool),
+                   torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="square"):
+        augment.posed_crops(np.zeros((2, 4, 6, 3), np.uint8), turned, None, None, [1.0] * 3,
+                            [0.0] * 3)
+
+
+@pytest.mark.parametrize("crop_to", [None, 10])
+def test_a_cpu_training_batch_is_the_gpu_path_run_on_the_cpu(crop_to):
+    """Split.to_device on a CPU draws what the tensor path draws, in the same order."""
+    side = 14 if crop_to else 10
+    rgb, depth = images(24, side, 3, seed=1), images(24, side, 1, seed=2)
+    split = Split(labels=np.arange(24) % 3, images={"rgb": rgb, "depth": depth},
+                  flip_ops=augment.ONLINE_OPS, crop_to=crop_to, generator=seeded(8))
+    rows = np.arange(24)[::-1].copy()
+    got = split.batch(rows, CPU, channels_last=True)
+    assert got["rgb"].is_contiguous(memory_format=torch.channels_last)
+    generator = seeded(8)
+    posed = augment.flip_batch({"rgb": torch.from_numpy(rgb[rows]),
+                                "depth": torch.from_numpy(depth[rows])},
+                               augment.ONLINE_OPS, generator)
+    if crop_to:
+        posed = augment.crop_batch(posed, crop_to, generator)
+    for name, (mean, std) in {"rgb": (split.rgb_mean, split.rgb_std),
+                              "depth": ((0.5,), (0.25,))}.items():
+        pixels = posed[name].float() * PIXEL_SCALE
+        expected = ((pixels - torch.tensor(mean)) / torch.tensor(std)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(got[name], expected, atol=2e-4, rtol=0)
+    # The next batch gets fresh draws.
+    assert not torch.equal(got["rgb"], split.batch(rows, CPU, channels_last=True)["rgb"])
