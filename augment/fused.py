@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numba
 import numpy as np
@@ -34,14 +34,31 @@ import torch
 from augment.crop import Boxes
 from augment.online import Poses
 
-# nogil: the threads of posed_crops run at once. fastmath without "reassoc": reassociating
-# ``(j + 0.5) * step - 0.5`` put whole-pixel coordinates a hair below the pixel, so a batch
-# without a crop came out blended by 1e-4 instead of exactly moved.
-_JIT = {"nogil": True, "cache": True, "boundscheck": False,
-        "fastmath": {"nnan", "ninf", "nsz", "contract"}}
+# fastmath without "reassoc": reassociating ``(j + 0.5) * step - 0.5`` put whole-pixel
+# coordinates a hair below the pixel, so a batch without a crop came out blended by 1e-4
+# instead of exactly moved.
+_FASTMATH = {"nnan", "ninf", "nsz", "contract"}
 
 
-@numba.njit(**_JIT)
+def _jit(function: Callable) -> Callable:
+    """``numba.njit``, releasing the GIL (the threads of :func:`posed_crops` run at once),
+    its compiled code cached on disk where numba can.
+
+    numba keeps compiled code next to this file, or else under the user's cache folder
+    (``NUMBA_CACHE_DIR``); it refuses ``cache=True`` at import when neither is writable (a
+    read-only install for a user without a home). Then each process compiles (2-4 s).
+    """
+    def compiled(cache: bool) -> Callable:
+        return numba.njit(function, cache=cache, nogil=True, boundscheck=False,
+                          fastmath=_FASTMATH)
+
+    try:
+        return compiled(cache=True)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return compiled(cache=False)
+
+
+@_jit
 def _resample(images, out, first, last, flip_cols, flip_rows, transpose,
               top, left, height, width, scale, shift, channels):
     """Samples ``first`` to ``last`` of ``images`` ``[N, H, W, C]`` into ``out``.
@@ -110,21 +127,21 @@ def _resample(images, out, first, last, flip_cols, flip_rows, transpose,
                 at += step_j
 
 
-@numba.njit(**_JIT)
+@_jit
 def _rgb(images, out, first, last, flip_cols, flip_rows, transpose,
          top, left, height, width, scale, shift):
     _resample(images, out, first, last, flip_cols, flip_rows, transpose, top, left, height,
               width, scale, shift, 3)
 
 
-@numba.njit(**_JIT)
+@_jit
 def _gray(images, out, first, last, flip_cols, flip_rows, transpose,
           top, left, height, width, scale, shift):
     _resample(images, out, first, last, flip_cols, flip_rows, transpose, top, left, height,
               width, scale, shift, 1)
 
 
-@numba.njit(**_JIT)
+@_jit
 def _any(images, out, first, last, flip_cols, flip_rows, transpose,
          top, left, height, width, scale, shift):
     _resample(images, out, first, last, flip_cols, flip_rows, transpose, top, left, height,

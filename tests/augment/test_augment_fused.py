@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +105,18 @@ def test_a_cpu_training_batch_is_the_gpu_path_run_on_the_cpu(crop_to):
         torch.testing.assert_close(got[name], expected, atol=2e-4, rtol=0)
     # The next batch gets fresh draws.
     assert not torch.equal(got["rgb"], split.batch(rows, CPU, channels_last=True)["rgb"])
+
+
+def test_no_writable_cache_folder_means_compiling_not_failing():
+    """numba refuses cache=True at import where it can write no cache; we compile instead."""
+    program = ("import numpy as np, torch, augment\n"
+               "poses = augment.draw_poses(2, augment.ONLINE_OPS, torch.Generator())\n"
+               "out = augment.posed_crops(np.full((2, 4, 4, 1), 51, np.uint8), poses, None, None,"
+               " [0.02], [0.0])\n"
+               "print(float(out.max()))\n")
+    # The IPython locator is the only one allowed, and it finds nothing for a .py file.
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "_IPythonCacheLocator"}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).parents[2], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) == pytest.approx(1.02)
