@@ -9,7 +9,9 @@ its RGB image; the boxes come from a CPU ``torch.Generator`` like the flips
 (:mod:`augment.online`): the same seed gives the same crops on any device.
 
 All boxes of a batch are resized at once by ``grid_sample`` on an affine grid (bilinear,
-pixel centres aligned as in a plain resize), so the cost does not depend on the draws.
+pixel centres aligned as in a plain resize), so the cost does not depend on the draws. That
+is the GPU's path; a CPU device gets the same boxes and geometry from :mod:`augment.fused`,
+one pass per sample with the poses and normalisation.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@
   random-resized crop from images cached at 1.25x the size) included, feeding a stub
   "model" that sleeps 25 ms per 64 images (an A100's pace on b0 at 224 px) without using
   the CPU; prints the share of the stub's rate it achieved. On a CPU machine the "device"
-  is the CPU, so the augmentation and normalisation compete with the gather for cores.
+  is the CPU, so the augmentation and normalisation (one numba pass, ``augment.fused``)
+  compete with the gather for cores.
 
 The cached arrays are synthetic: in RAM, or with ``--arrays memmap`` written to ``.npy``
 files and read back as the read-only memory maps a trial trains from (the cache's own

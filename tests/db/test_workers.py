@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -139,6 +140,20 @@ def start_run(study_file: Path, url: str, workdir: Path, *extra: str,
     return subprocess.Popen(
         [sys.executable, "-m", "search", command, "--study", str(study_file), *extra],
         cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def output_until(process: subprocess.Popen, needle: str, timeout: float) -> str:
+    """What ``process`` printed up to the first line that holds ``needle``."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([process.stdout], [], [], 0.5)[0]:
+            line = process.stdout.readline()
+            seen.append(line)
+            if needle in line or not line:
+                break
+    assert seen and needle in seen[-1], f"no {needle!r} within {timeout:g} s: {''.join(seen)}"
+    return "".join(seen)
 
 
 def worker_logs(workdir: Path) -> str:
@@ -343,10 +358,10 @@ def test_a_worker_started_while_postgresql_restarts_waits_for_it(workdir, own_po
     own_postgres.stop("fast")
     with reaped(start_run(study_file, url, workdir, "--threads", "1", "--wait-for-storage",
                           "60", command="worker")) as worker:
-        time.sleep(4)  # past the import: the worker is retrying its first connection
-        assert worker.poll() is None, worker.communicate()[0]
+        # The worker is retrying its first connection (however long its imports took).
+        waited = output_until(worker, "unreachable", timeout=60)
         own_postgres.start()
-        output, _ = worker.communicate(timeout=180)
+        output = waited + worker.communicate(timeout=180)[0]
     assert worker.returncode == 0, output
     assert "unreachable" in output and own_postgres.password not in output
     [trial] = open_study(url).get_trials()
