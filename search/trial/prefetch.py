@@ -186,9 +186,9 @@ class DeviceBatches:
         stream = torch.cuda.Stream(device) if cuda else None
 
         def produce(rows: np.ndarray):
-            host = split.gather(rows, pin=cuda)
             if stream is None:
-                return split.to_device(host, device, channels_last), None
+                return split.assemble(rows, device, channels_last), None
+            host = split.gather(rows, pin=True)
             with torch.cuda.stream(stream):
                 batch = split.to_device(host, device, channels_last, non_blocking=True)
                 ready = torch.cuda.Event()

@@ -21,13 +21,14 @@ from search.trial.prefetch import keep_freed_host_memory
 kept = keep_freed_host_memory() if sys.argv[1] == "keep" else False
 images = np.zeros((64, 224, 224, 3), np.uint8)
 poses = augment.draw_poses(64, augment.ONLINE_OPS, torch.Generator().manual_seed(0))
+plain = {'rgb': ([1.0] * 3, [0.0] * 3)}
 
 def rounds(report):
     for _ in range(20):
-        augment.posed_crops(images, poses, None, None, [1.0] * 3, [0.0] * 3, threads=2)
+        augment.posed_crops({'rgb': images}, poses, None, None, plain, threads=2)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
-        augment.posed_crops(images, poses, None, None, [1.0] * 3, [0.0] * 3, threads=2)
+        augment.posed_crops({'rgb': images}, poses, None, None, plain, threads=2)
     if report:
         print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
