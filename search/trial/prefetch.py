@@ -4,7 +4,10 @@ The host's share of a batch (gathering ``uint8`` rows, pinning them) and the dev
 (copy over, flips and turns, normalisation) run in one producer thread, a few batches
 ahead of the training step, through a small bounded queue. On a CUDA device the producer
 works on its own stream and hands each batch over with an event, so its copies and
-augmentation overlap the step's kernels; on the CPU its torch ops release the GIL.
+augmentation overlap the step's kernels. On the CPU the producer makes each batch with
+:meth:`~search.data.prepared.Split.assemble` (a training split: one compiled pass that reads
+the cached rows, poses, crops and normalises them, :mod:`augment.fused`), whose work
+releases the GIL.
 
 The consumer stops the producer whatever ends the loop: the last batch, a ``break``
 (early stopping), an exception (``optuna.TrialPruned``, ``KeyboardInterrupt``). An error
@@ -41,7 +44,7 @@ _DONE, _VALUE, _ERROR = "done", "value", "error"
 
 
 # glibc's mallopt parameters (malloc.h) and the size above which freed memory is kept.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 1 << 30
 
 
@@ -56,11 +59,10 @@ def keep_freed_host_memory() -> bool:
     (poses, normalisation) went from 27 to 15 ms. The price is a heap that keeps a few such
     blocks: a 40 MB tensor made and freed 60 times grew the resident set by 190 MB over the
     first 10 rounds, then not at all, with no page fault after that (against 9,800 faults a
-    round without this). The thresholds rule glibc's main arena only: a thread with an
-    arena of its own (the prefetcher's) still page-faulted 720 times per 38 MB batch, so all
-    threads share the main arena (``M_ARENA_MAX`` 1; a handful of threads allocate here, and
-    the large allocations dominate). Process-wide; a worker calls it once its data is cached
-    (the cache build keeps its small footprint), before its prefetch threads start.
+    round without this). Process-wide; a worker calls it once its data is cached (the cache
+    build keeps its small footprint). (Making every thread share glibc's main arena, whose
+    thresholds these are, cost CPU training 20% of its images/s: the CPU pass's outputs
+    reuse their own buffers instead, :mod:`augment.fused`.)
 
     Returns:
         Whether the C library took the settings (False off glibc, e.g. macOS or musl).
@@ -72,8 +74,7 @@ def keep_freed_host_memory() -> bool:
     if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: musl's mallopt does nothing
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
-                and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
-                and libc.mallopt(_M_ARENA_MAX, 1))
+                and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
 class Prefetcher(Generic[Item, Result]):

@@ -145,3 +145,23 @@ def test_rows_are_read_from_the_arrays_as_a_gathered_batch_would_give():
     assert torch.equal(strided, augment.posed_crops({"x": copied}, poses, boxes, 8, PLAIN)["x"])
     with pytest.raises(IndexError, match="out of range"):
         augment.posed_crops({"x": arrays}, poses, boxes, 8, PLAIN, rows=rows + 1)
+
+
+def test_an_output_array_is_reused_only_once_nothing_holds_it():
+    batch = images(3, 11, 3, seed=6)  # a shape no other test makes: its own arrays
+    poses = augment.draw_poses(3, augment.ONLINE_OPS, seeded(3))
+
+    def run() -> torch.Tensor:
+        return augment.posed_crops({"x": batch}, poses, None, None, PLAIN)["x"]
+
+    first = run()
+    held = [run().permute(0, 3, 1, 2) for _ in range(3)]  # a view keeps its array too
+    pointers = {t.data_ptr() for t in [first, *held]}
+    assert len(pointers) == 4  # nothing handed out twice while held
+    expected = first.clone()
+    address = first.data_ptr()
+    del first
+    again = run()
+    assert again.data_ptr() == address  # the released array, reused
+    assert torch.equal(again, expected) and all(torch.equal(t.permute(0, 2, 3, 1), expected)
+                                                for t in held)
