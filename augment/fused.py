@@ -157,9 +157,10 @@ class _Outputs:
     A fresh 38 MB array per batch made in the prefetch thread was page-faulted in anew each
     time (720 faults, 22 instead of 9 ms for 64 rgb images at 224 px, on this project's
     CPU): glibc serves that thread from an arena of its own, which the thresholds of
-    :func:`search.trial.prefetch.keep_freed_host_memory` do not rule, and sharing the main
-    arena made the training thread 20% slower. A batch's tensors hold a reference to their
-    array (``torch.from_numpy``), so an array only this pool holds is free to reuse.
+    :func:`search.trial.prefetch.keep_freed_host_memory` do not rule. (One arena for all
+    threads, ``M_ARENA_MAX`` 1, also cured it, but changes malloc for the whole process.)
+    A batch's tensors hold a reference to their array (``torch.from_numpy``), so an array
+    only this pool holds is free to reuse.
     """
 
     KEEP = 8  # per shape: the queue's batches, the one in training, the one being made

@@ -60,9 +60,9 @@ def keep_freed_host_memory() -> bool:
     blocks: a 40 MB tensor made and freed 60 times grew the resident set by 190 MB over the
     first 10 rounds, then not at all, with no page fault after that (against 9,800 faults a
     round without this). Process-wide; a worker calls it once its data is cached (the cache
-    build keeps its small footprint). (Making every thread share glibc's main arena, whose
-    thresholds these are, cost CPU training 20% of its images/s: the CPU pass's outputs
-    reuse their own buffers instead, :mod:`augment.fused`.)
+    build keeps its small footprint). These thresholds rule glibc's main arena, not the
+    arenas of other threads: the CPU pass's outputs, made in the prefetch thread, reuse
+    their own arrays (:mod:`augment.fused`).
 
     Returns:
         Whether the C library took the settings (False off glibc, e.g. macOS or musl).
