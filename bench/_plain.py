@@ -76,9 +76,13 @@ class DiskSplit:
                       rgb_std=self.base.rgb_std)
         return names.to_device(host, device, channels_last, non_blocking=non_blocking)
 
+    def assemble(self, rows: np.ndarray, device: torch.device, channels_last: bool):
+        """:meth:`search.data.prepared.Split.assemble`: both halves, from decoded files."""
+        return self.to_device(self.gather(rows), device, channels_last)
+
     def batch(self, rows: np.ndarray, device: torch.device, channels_last: bool) -> dict:
         """Same batch layout as :meth:`search.data.prepared.Split.batch`, from decoded files."""
-        return self.to_device(self.gather(rows), device, channels_last)[0]
+        return self.assemble(rows, device, channels_last)[0]
 
     def _decode(self, path: Path, modality: str) -> np.ndarray:
         try:
