@@ -105,9 +105,10 @@ def stub_share(split: Split, batch: int, count: int,
     batches = row_batches(len(split), batch, count)
     pause = STUB_S_PER_64 * batch / 64
 
-    def fed_from(prefetched: DeviceBatches) -> float:
+    def fed(rows: list[np.ndarray]) -> float:
+        """Seconds to feed ``rows`` to the stub, the prefetcher's start included."""
         start = time.perf_counter()
-        with prefetched:
+        with DeviceBatches(split, rows, device=device, channels_last=True) as prefetched:
             for inputs, _labels in prefetched:
                 if device.type == "cuda":  # the batch really is there (not the next ones)
                     torch.cuda.current_stream(device).synchronize()
@@ -115,12 +116,12 @@ def stub_share(split: Split, batch: int, count: int,
                 del inputs
         return time.perf_counter() - start
 
-    fed_from(DeviceBatches(split, batches[:DEPTH + 3], device=device, channels_last=True))
+    fed(batches[:DEPTH + 3])
     start = time.perf_counter()
     for _ in batches:
         time.sleep(pause)
     alone = time.perf_counter() - start
-    seconds = fed_from(DeviceBatches(split, batches, device=device, channels_last=True))
+    seconds = fed(batches)
     return 100 * alone / seconds, count * batch / seconds, count * batch / alone
 
 
