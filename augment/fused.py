@@ -160,19 +160,24 @@ class _Outputs:
     :func:`search.trial.prefetch.keep_freed_host_memory` do not rule. (One arena for all
     threads, ``M_ARENA_MAX`` 1, also cured it, but changes malloc for the whole process.)
     A batch's tensors hold a reference to their array (``torch.from_numpy``), so an array
-    only this pool holds is free to reuse.
+    only this pool holds is free to reuse. At most ``KEEP`` arrays of each of the latest
+    ``SHAPES`` shapes are kept (410 MB for full batches of 64 rgb + depth images at 224 px).
     """
 
     KEEP = 8  # per shape: the queue's batches, the one in training, the one being made
+    SHAPES = 4  # the latest: rgb and depth, each a full batch and an epoch's last one
 
     def __init__(self) -> None:
-        self._arrays: dict[tuple[int, ...], list[np.ndarray]] = {}
+        self._arrays: dict[tuple[int, ...], list[np.ndarray]] = {}  # oldest shape first
         self._lock = threading.Lock()
         self._free = 0  # what sys.getrefcount says of an array that only the pool holds
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
         with self._lock:
-            kept = self._arrays.setdefault(shape, [])
+            kept = self._arrays.pop(shape, [])
+            self._arrays[shape] = kept
+            while len(self._arrays) > self.SHAPES:  # another trial's sizes: let them go
+                del self._arrays[next(iter(self._arrays))]
             for array in kept:
                 if sys.getrefcount(array) <= self._free:
                     return array

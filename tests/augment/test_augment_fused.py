@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import augment
+from augment.fused import _Outputs
 from augment.online import Poses
 from search.data.decode import PIXEL_SCALE
 from search.data.prepared import Split
@@ -165,3 +167,15 @@ def test_an_output_array_is_reused_only_once_nothing_holds_it():
     assert again.data_ptr() == address  # the released array, reused
     assert torch.equal(again, expected) and all(torch.equal(t.permute(0, 2, 3, 1), expected)
                                                 for t in held)
+
+
+def test_the_pool_lets_go_of_shapes_no_longer_made():
+    pool = _Outputs()
+    array = pool.take((2, 2))
+    kept = weakref.ref(array)
+    del array
+    for side in range(3, 3 + _Outputs.SHAPES - 1):
+        pool.take((side, 2))
+    assert kept() is not None  # still among the latest shapes: kept for reuse
+    pool.take((99, 2))
+    assert kept() is None  # one shape too many: the oldest is let go
